@@ -1,0 +1,5 @@
+import sys
+
+from qembed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""`qembed <verb>`: a thin argument parser over the library. Each verb lives in its own module
+that defines `add_parser(subparsers)` and sets `func` (a callable taking the parsed args)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from qembed.errors import QembedError
+
+# One module per verb (or verb group); order is the order of `qembed --help`.
+VERB_MODULES = [
+    "qembed.cli.demo",
+    "qembed.cli.embed",
+    "qembed.cli.rerank",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qembed", description="Qwen3-style embedding and reranking toolkit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and full tracebacks")
+    subparsers = parser.add_subparsers(dest="verb", required=True, metavar="<verb>")
+    for name in VERB_MODULES:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        result = args.func(args)
+    except QembedError as exc:
+        if args.verbose:
+            raise
+        print(f"qembed {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qembed {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)

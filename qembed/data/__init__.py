@@ -1,0 +1,1 @@
+"""Data formats: text inputs, JSONL records, BEIR retrieval folders, training pairs."""

