@@ -15,6 +15,7 @@ VERB_MODULES = [
     "qembed.cli.demo",
     "qembed.cli.embed",
     "qembed.cli.rerank",
+    "qembed.cli.data",
 ]
 
 

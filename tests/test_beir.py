@@ -1,0 +1,94 @@
+"""BEIR folder loading and writing: real NFCorpus, round trip, and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from qembed.data.beir import RetrievalDataset, write_beir
+from qembed.errors import QembedError
+
+
+def _write(path, corpus_lines, query_lines, qrels_text, split="test"):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "corpus.jsonl").write_text("".join(line + "\n" for line in corpus_lines), encoding="utf-8")
+    (path / "queries.jsonl").write_text("".join(line + "\n" for line in query_lines), encoding="utf-8")
+    (path / "qrels").mkdir(exist_ok=True)
+    (path / "qrels" / f"{split}.tsv").write_text(qrels_text, encoding="utf-8")
+    return path
+
+
+def _doc(i, title="", text="t"):
+    return json.dumps({"_id": i, "title": title, "text": text})
+
+
+def _query(i, text="q"):
+    return json.dumps({"_id": i, "text": text})
+
+
+def test_nfcorpus_test_split(shared_dir):
+    ds = RetrievalDataset.load(shared_dir / "data" / "nfcorpus", split="test")
+    assert len(ds.corpus) == 3633
+    assert len(ds.queries) == 323 and set(ds.queries) == set(ds.qrels)
+    assert sum(len(j) for j in ds.qrels.values()) == 12334
+    assert {g for j in ds.qrels.values() for g in j.values()} == {1, 2}
+    doc = ds.corpus["MED-10"]
+    assert ds.doc_text("MED-10") == f"{doc['title']} {doc['text']}".strip()
+    assert ds.doc_texts()[ds.doc_ids.index("MED-10")] == ds.doc_text("MED-10")
+
+
+def test_round_trip_and_text_joining(tmp_path):
+    corpus = {"d1": {"title": "Title", "text": "body"}, "d2": {"title": "", "text": " only text "}}
+    queries = {"q1": "first", "q2": "second", "q3": "unjudged"}
+    write_beir(tmp_path / "ds", corpus, queries, {"test": {"q1": {"d1": 2, "d2": 0}}, "train": {"q2": {"d2": 1}}})
+    test = RetrievalDataset.load(tmp_path / "ds")
+    assert test.qrels == {"q1": {"d1": 2, "d2": 0}}
+    assert test.queries == {"q1": "first"}  # only queries judged in the split
+    assert test.doc_texts() == ["Title body", "only text"]
+    train = RetrievalDataset.load(tmp_path / "ds", split="train")
+    assert train.queries == {"q2": "second"}
+    train.save(tmp_path / "copy")
+    again = RetrievalDataset.load(tmp_path / "copy", split="train")
+    assert (again.corpus, again.queries, again.qrels) == (train.corpus, train.queries, train.qrels)
+
+
+def test_unknown_ids_are_warned_and_skipped(tmp_path, caplog):
+    path = _write(tmp_path / "ds", [_doc("d1"), _doc("d2")], [_query("q1"), _query("q2")],
+                  "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\tmissing\t1\nq1\tgone\t2\nq2\tgone\t1\nq9\td1\t1\n")
+    with caplog.at_level(logging.WARNING):
+        ds = RetrievalDataset.load(path)
+    assert ds.qrels == {"q1": {"d1": 1}}  # q2 has no judged doc left, q9 is not a query
+    assert ds.skipped == {"unknown_docs": 3, "unknown_queries": 1}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("skipped 3 judgment(s) naming a document absent" in m for m in messages)
+    assert any("skipped 1 judgment(s) naming a query absent" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: p.joinpath("corpus.jsonl").unlink(), "file not found: .*corpus.jsonl"),
+        (lambda p: p.joinpath("queries.jsonl").unlink(), "file not found: .*queries.jsonl"),
+        (lambda p: p.joinpath("qrels", "test.tsv").unlink(), r"no qrels for split 'test'.*available: \['train'\]"),
+        (lambda p: p.joinpath("corpus.jsonl").write_text(""), "the corpus is empty"),
+        (lambda p: p.joinpath("corpus.jsonl").write_text(_doc("d1") + "\n{oops\n"), r"corpus.jsonl:2: invalid JSON"),
+        (lambda p: p.joinpath("queries.jsonl").write_text('{"text": "no id"}\n'), "record 1 has no '_id'"),
+        (lambda p: p.joinpath("qrels", "test.tsv").write_text("query-id\tcorpus-id\tscore\n"), "no query of split"),
+        (lambda p: p.joinpath("qrels", "test.tsv").write_text("h\th\th\nq1\td1\thigh\n"), r"test.tsv:2: score 'high'"),
+        (lambda p: p.joinpath("qrels", "test.tsv").write_text("q1 d1 1\n"), "test.tsv:1: expected 3 tab-separated"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path, setup, message):
+    path = _write(tmp_path / "ds", [_doc("d1")], [_query("q1")], "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    (path / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    setup(path)
+    with pytest.raises(QembedError, match=message) as info:
+        RetrievalDataset.load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(QembedError, match="dataset folder not found"):
+        RetrievalDataset.load(tmp_path / "nope")
