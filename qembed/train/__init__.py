@@ -1,0 +1,1 @@
+"""Fine-tuning: contrastive embedder training (InfoNCE, GradCache, DDP, LoRA) and reranker SFT."""
