@@ -35,7 +35,16 @@ def build_qwen_tokenizer(bpe_dir: str | Path | None = None, *, append_eot: bool 
     `append_eot=True` gives the Qwen3-Embedding variant (post-processor appends `<|endoftext|>`);
     `False` gives the Qwen3-Reranker variant (nothing appended). Both pad on the left with `<|endoftext|>`.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     bpe_dir = Path(bpe_dir) if bpe_dir else default_bpe_dir()
@@ -93,7 +102,7 @@ def qwen3_config(**overrides):
         rms_norm_eps=1e-6,
         bos_token_id=151643,
         eos_token_id=151643,
-        pad_token_id=151643,
+        pad_token_id=None,  # as published: a pad id would zero the <|endoftext|> embedding row
     )
     params.update(overrides)
     return Qwen3Config(**params)

@@ -16,6 +16,8 @@ VERB_MODULES = [
     "qembed.cli.embed",
     "qembed.cli.rerank",
     "qembed.cli.data",
+    "qembed.cli.synth",
+    "qembed.cli.filter",
 ]
 
 

@@ -1,0 +1,85 @@
+"""`qembed synth`: synthetic (query, passage) training pairs from a corpus with an LLM."""
+
+from __future__ import annotations
+
+import argparse
+
+from qembed.errors import QembedError
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (two integers), got {text!r}") from None
+    return low, high
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "synth",
+        help="generate synthetic queries for a corpus with an LLM (persona -> config -> query)",
+        description="Two-stage synthesis as in the Qwen3-Embedding report: for each document an LLM picks a "
+        "persona (top-5 by embedding similarity), question type and difficulty, then writes the query under "
+        "explicit type/difficulty/length/language requirements. Appends to --output; rerun the same command "
+        "to resume. Failures go to OUTPUT.rejects.jsonl.",
+    )
+    p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl, another .jsonl with a text field, or .txt (one document per line)")
+    p.add_argument("--text-field", default="text", help="text field of a .jsonl corpus (default: text)")
+    p.add_argument("--output", required=True, help="output JSONL (appended; resumable)")
+    llm = p.add_mutually_exclusive_group(required=True)
+    llm.add_argument("--llm-base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    llm.add_argument("--llm-local", metavar="PATH", help="a local transformers causal LM instead of a server")
+    p.add_argument("--llm-model", help="model name sent to the server (required with --llm-base-url)")
+    p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key (never printed)")
+    p.add_argument("--task", choices=["retrieval", "sts", "bitext"], default="retrieval")
+    p.add_argument("--personas", help="persona file: JSONL with a 'persona' field (Persona Hub format) or text lines; default: the built-in library")
+    p.add_argument("--embed-model", default="Qwen/Qwen3-Embedding-0.6B", help="embedder that matches personas to documents")
+    p.add_argument("--device", help="device for the embedder and a local LLM (default: cuda if available)")
+    p.add_argument("--languages", default="en", help="comma-separated query languages drawn per query, e.g. zh,en (default: en)")
+    p.add_argument("--queries-per-doc", type=int, default=1)
+    p.add_argument("--limit", type=int, help="only the first N documents of the corpus")
+    p.add_argument("--concurrency", type=int, default=8, help="documents in flight (default: 8)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request attempt (default: 120)")
+    p.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx/timeouts (default: 5)")
+    p.add_argument("--max-repairs", type=int, default=2, help="repair prompts after an unusable answer (default: 2)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=512, help="max new tokens per answer (default: 512)")
+    p.add_argument("--words-range", type=_range, default=(4, 30), metavar="MIN,MAX", help="query length in words for space-separated languages (default: 4,30)")
+    p.add_argument("--chars-range", type=_range, default=(6, 40), metavar="MIN,MAX", help="query length in characters for zh/ja/ko (default: 6,40)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the per-query draws of language and length")
+    p.add_argument("--allow-thinking", action="store_true", help="do not send chat_template_kwargs={'enable_thinking': false}")
+    p.add_argument("--local-batch-size", type=int, default=8, help="prompts per generate() call with --llm-local")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from qembed.synth.generate import SynthConfig, rejects_path, synthesize_corpus
+    from qembed.synth.llm import LocalChat, OpenAIChat, RetryPolicy
+
+    config = SynthConfig(
+        task=args.task, languages=args.languages.split(","), queries_per_doc=args.queries_per_doc,
+        words_range=args.words_range, chars_range=args.chars_range, max_repairs=args.max_repairs,
+        temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, concurrency=args.concurrency,
+    )  # fmt: skip
+    if args.limit is not None and args.limit < 1:
+        raise QembedError("--limit must be at least 1")
+    if args.llm_base_url:
+        if not args.llm_model:
+            raise QembedError("--llm-model is required with --llm-base-url")
+        llm = OpenAIChat(args.llm_base_url, args.llm_model, api_key_env=args.api_key_env,
+                         concurrency=args.concurrency, timeout=args.timeout,
+                         retry=RetryPolicy(max_retries=args.max_retries), disable_thinking=not args.allow_thinking)  # fmt: skip
+    else:
+        llm = LocalChat(args.llm_local, batch_size=args.local_batch_size, device=args.device)
+    stats = synthesize_corpus(
+        args.corpus, args.output, llm, config=config, personas=args.personas, embed_model=args.embed_model,
+        device=args.device, text_field=args.text_field, limit=args.limit, show_progress=False if args.no_progress else None,
+    )  # fmt: skip
+    rate = stats.done / stats.seconds if stats.seconds else 0.0
+    print(f"wrote {stats.done} record(s) to {args.output} ({rate:.1f}/s); {stats.failed} failed "
+          f"(see {rejects_path(args.output)}); {stats.skipped} already done")  # fmt: skip
+    for reason, count in sorted(stats.reasons.items(), key=lambda kv: -kv[1]):
+        print(f"  {count:>6}  {reason}")
+    return 0

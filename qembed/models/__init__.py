@@ -1,0 +1,1 @@
+"""Models: loading, prompt formats, token-budget batching, the Embedder and the Reranker."""

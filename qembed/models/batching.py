@@ -1,0 +1,53 @@
+"""Token-budget batching: sort by length, cut batches so that (rows x longest row) stays under a budget."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def token_budget_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int = 512) -> list[list[int]]:
+    """Indices grouped into batches, longest texts first.
+
+    Each batch's padded size (rows x its longest length) stays within `batch_tokens`, except a single text
+    longer than the budget, which gets a batch of its own. Sorting keeps padding waste small.
+    """
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # sorted descending, so the first item of a batch is its longest
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and ((len(current) + 1) * longest > batch_tokens or len(current) >= max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(
+    token_ids: Sequence[Sequence[int]], pad_id: int, *, left: bool, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Pad id lists into `input_ids` / `attention_mask` tensors.
+
+    Left padding (decoder models) also returns `position_ids` counted from each sequence's first real token,
+    so a text's result does not depend on how much padding its batch needed.
+    """
+    width = max((len(ids) for ids in token_ids), default=0)
+    input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        if not ids:
+            continue
+        span = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[row, span] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[row, span] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if left:
+        batch["position_ids"] = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {name: tensor.to(device) for name, tensor in batch.items()}

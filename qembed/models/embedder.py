@@ -1,0 +1,196 @@
+"""`Embedder`: text -> vectors with the exact semantics of the model family.
+
+Qwen3-Embedding-style (decoder) models: instruction template on queries, `<|endoftext|>` ending every
+sequence exactly once (kept by truncation), left padding, last-token pooling, L2 normalisation, Matryoshka
+truncation. Sentence-transformers encoders (MiniLM, bge-m3, e5): their own pooling, prompts and max length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qembed.models import prompts
+from qembed.models.batching import pad_batch, token_budget_batches
+from qembed.models.loading import (
+    SentenceTransformersInfo,
+    load_pretrained,
+    pick_device,
+    pick_dtype,
+    read_sentence_transformers_info,
+    resolve_model_dir,
+    weights_fingerprint,
+    write_sentence_transformers_files,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_MRL_DIM = 32
+DEFAULT_BATCH_TOKENS = 16384
+_AUTO_PROGRESS_FROM = 256  # texts
+_USE_DEFAULT = object()  # sentinel: "the model's own default query instruction"
+
+
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """Validate a list of texts: a `TypeError` names the first non-string item."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, not a single string: wrap it in a list")
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] is {type(text).__name__}, expected str")
+    return texts
+
+
+class Embedder:
+    """Turns texts into float32 vectors; load with `Embedder.from_pretrained(name_or_path)`."""
+
+    def __init__(self, model, tokenizer, info: SentenceTransformersInfo, *, model_dir: Path, name_or_path: str,
+                 max_length: int, device: torch.device) -> None:  # fmt: skip
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.model_dir = model_dir
+        self.name_or_path = name_or_path
+        self.device = device
+        self.pooling = info.pooling
+        self.hidden_size = int(model.config.hidden_size)
+        limits = [max_length, info.max_seq_length, getattr(model.config, "max_position_embeddings", None)]
+        self.max_length = min(int(x) for x in limits if x)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eot_id: int | None = None
+        self._tokenizer_appends_eot = False
+        self.query_prompt = ""  # raw prefix for sentence-transformers prompts that are not the Qwen3 template
+        self.default_instruction: str | None = None
+        if self.pooling == "lasttoken":
+            eot = tokenizer.convert_tokens_to_ids(prompts.END_OF_TEXT)
+            self.eot_id = eot if isinstance(eot, int) and eot != tokenizer.unk_token_id else tokenizer.eos_token_id
+            probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+            self._tokenizer_appends_eot = bool(probe) and probe[-1] == self.eot_id
+        query_prompt = info.prompts.get("query", "")
+        if query_prompt:
+            instruction = prompts.instruction_from_prompt(query_prompt)
+            if instruction is not None:
+                self.default_instruction = instruction
+            else:
+                self.query_prompt = query_prompt
+        elif self.pooling == "lasttoken" and getattr(model.config, "model_type", "").startswith("qwen"):
+            self.default_instruction = prompts.DEFAULT_QUERY_INSTRUCTION
+        self.fingerprint = weights_fingerprint(model_dir, self.pooling, self.max_length, info.normalize, "fmt-1")
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, max_length: int = 8192,
+                        trust_remote_code: bool = False) -> Embedder:  # fmt: skip
+        """Load from a local folder or a hub id (sentence-transformers or plain transformers layout)."""
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        model_dir = resolve_model_dir(name_or_path)
+        device = pick_device(device)
+        config = load_pretrained(AutoConfig, model_dir, trust_remote_code=trust_remote_code)
+        info = read_sentence_transformers_info(model_dir, config)
+        tokenizer = load_pretrained(AutoTokenizer, model_dir, trust_remote_code=trust_remote_code)
+        model = load_pretrained(AutoModel, model_dir, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code)
+        model.to(device).eval()
+        return cls(model, tokenizer, info, model_dir=model_dir, name_or_path=str(name_or_path),
+                   max_length=max_length, device=device)  # fmt: skip
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save model, tokenizer and sentence-transformers files; the folder loads back with `from_pretrained`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        write_sentence_transformers_files(directory, self.info, self.hidden_size)
+
+    # ------------------------------------------------------------------ formatting
+    def prepare(self, texts: Sequence[str], *, instruction: str | None = None, prompt: str = "") -> list[list[int]]:
+        """Token ids of fully formatted texts: instruction template or prompt, truncation, end-of-text token."""
+        texts = check_texts(texts)
+        prefix = prompts.query_prefix(instruction) if instruction else prompt
+        if self.info.do_lower_case:
+            texts = [t.lower() for t in texts]
+        formatted = [prefix + t for t in texts]
+        if self.pooling != "lasttoken":
+            encoded = self.tokenizer(formatted, truncation=True, max_length=self.max_length, add_special_tokens=True)
+            return [list(ids) for ids in encoded["input_ids"]]
+        encoded = self.tokenizer(formatted, add_special_tokens=self._tokenizer_appends_eot)["input_ids"]
+        result = []
+        for ids in encoded:
+            ids = list(ids)
+            while ids and ids[-1] == self.eot_id:  # exactly one end-of-text token, whatever the tokenizer did
+                ids.pop()
+            result.append(ids[: self.max_length - 1] + [self.eot_id])
+        return result
+
+    def collate(self, token_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """A padded batch on this model's device (left padding for last-token pooling)."""
+        return pad_batch(token_ids, self.pad_id, left=self.pooling == "lasttoken", device=self.device)
+
+    def forward_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled, unnormalised embeddings `(batch, hidden)`; differentiable when grad is enabled."""
+        hidden = self.model(**batch).last_hidden_state
+        if self.pooling == "lasttoken":
+            return hidden[:, -1]
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, texts: Sequence[str], *, instruction: str | None = None, dim: int | None = None,
+               normalize: bool = True, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+               show_progress: bool | None = None, prompt: str = "") -> np.ndarray:  # fmt: skip
+        """Embed `texts` -> float32 array `(len(texts), dim or hidden)`, rows in input order.
+
+        `instruction` applies the Qwen3 query template `Instruct: {instruction}\\nQuery:{text}`; `dim` keeps the
+        first `dim` components (Matryoshka) before normalising; batches are cut by a padded-token budget.
+        """
+        texts = check_texts(texts)
+        out_dim = self._check_dim(dim)
+        if not texts:
+            return np.zeros((0, out_dim), dtype=np.float32)
+        token_ids = self.prepare(texts, instruction=instruction, prompt=prompt)
+        batches = token_budget_batches([len(ids) for ids in token_ids], batch_tokens)
+        result = np.empty((len(texts), out_dim), dtype=np.float32)
+        show = len(texts) >= _AUTO_PROGRESS_FROM if show_progress is None else show_progress
+        with torch.inference_mode(), tqdm(total=len(texts), disable=not show, desc="encode", unit="text") as bar:
+            for indices in batches:
+                vectors = self.forward_features(self.collate([token_ids[i] for i in indices]))
+                vectors = vectors[:, :out_dim].float()
+                if normalize:
+                    vectors = torch.nn.functional.normalize(vectors, dim=-1)
+                result[indices] = vectors.cpu().numpy()
+                bar.update(len(indices))
+        return result
+
+    def encode_queries(self, queries: Sequence[str], *, instruction: str | None | object = _USE_DEFAULT,
+                       **kwargs) -> np.ndarray:  # fmt: skip
+        """Embed queries with the model's default query instruction (or prompt) unless one is given;
+        `instruction=None` embeds them bare."""
+        if instruction is _USE_DEFAULT:
+            return self.encode(queries, instruction=self.default_instruction, prompt=self.query_prompt, **kwargs)
+        return self.encode(queries, instruction=instruction, **kwargs)
+
+    def encode_documents(self, documents: Sequence[str], **kwargs) -> np.ndarray:
+        """Embed documents: never an instruction (the model's document prompt, if it has one)."""
+        return self.encode(documents, prompt=self.info.prompts.get("document", "") or self.info.prompts.get("passage", ""),
+                           **kwargs)  # fmt: skip
+
+    def _check_dim(self, dim: int | None) -> int:
+        if dim is None:
+            return self.hidden_size
+        if not isinstance(dim, int) or isinstance(dim, bool) or not MIN_MRL_DIM <= dim <= self.hidden_size:
+            raise ValueError(f"dim must be an integer between {MIN_MRL_DIM} and {self.hidden_size}, got {dim!r}")
+        return dim
+
+    def __repr__(self) -> str:
+        return (f"Embedder({self.name_or_path!r}, pooling={self.pooling}, hidden={self.hidden_size}, "
+                f"max_length={self.max_length}, device={self.device})")  # fmt: skip

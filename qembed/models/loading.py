@@ -1,0 +1,212 @@
+"""Resolving model names to local folders, choosing device and dtype, reading sentence-transformers files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qembed.errors import ModelNotFoundError, QembedError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}  # fmt: skip
+# Weight formats we never need (other runtimes); `.bin` is skipped when safetensors exist.
+_IGNORE_ON_HUB = ["*.onnx", "*.onnx_data", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", "*.gguf", "*.pt"]
+_DECODER_TYPES = ("qwen", "llama", "mistral", "gemma", "phi", "gpt", "opt", "falcon", "mixtral", "deepseek")
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local folder for `name_or_path`: the folder itself, or a hub snapshot (downloaded or cached).
+
+    Raises `ModelNotFoundError` with a one-line explanation when neither works.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a folder but has no config.json: not a transformers model folder")
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.count("/") > 1 or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model folder not found: {name}")
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not _hub_reachable()
+    try:
+        if offline:
+            return Path(snapshot_download(name, local_files_only=True))
+        ignore = list(_IGNORE_ON_HUB)
+        if any(f.endswith(".safetensors") for f in list_repo_files(name)):
+            ignore.append("*.bin")
+        return Path(snapshot_download(name, ignore_patterns=ignore))
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes the same user-facing message
+        log.debug("hub lookup for %s failed", name, exc_info=True)
+        reason = "offline and not in the local cache" if offline else f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise ModelNotFoundError(
+            f"model {name!r} is not a local folder and could not be fetched from the Hugging Face Hub ({reason}); "
+            f"download it where there is network and pass its local path, e.g. --model /path/to/{name.split('/')[-1]}"
+        ) from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub endpoint, so an offline machine fails in seconds, not after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """The requested device, else CUDA when present, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The requested dtype, else bf16 (or fp16) on GPU and fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        try:
+            return _DTYPES[str(dtype).lower()]
+        except KeyError:
+            raise QembedError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@dataclass
+class SentenceTransformersInfo:
+    """What the sentence-transformers files of a model folder say (or what we infer without them)."""
+
+    pooling: str  # "lasttoken" | "mean" | "cls"
+    normalize: bool
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
+    prompts: dict[str, str] = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QembedError(f"cannot read {path}: {exc}") from None
+
+
+def is_decoder_config(config) -> bool:
+    """True for decoder-only LLM families (last-token pooling, left padding)."""
+    model_type = getattr(config, "model_type", "") or ""
+    archs = getattr(config, "architectures", None) or []
+    return model_type.startswith(_DECODER_TYPES) or any(a.endswith("ForCausalLM") for a in archs)
+
+
+def read_sentence_transformers_info(model_dir: Path, config) -> SentenceTransformersInfo:
+    """Pooling, normalisation, max length and prompts from `modules.json` and friends; inferred when absent
+    (decoder LLMs: last-token pooling, normalised; encoders: mean pooling, normalised)."""
+    modules_file = model_dir / "modules.json"
+    info = SentenceTransformersInfo(pooling="lasttoken" if is_decoder_config(config) else "mean", normalize=True)
+    if modules_file.is_file():
+        modules = _read_json(modules_file)
+        types = [m.get("type", "") for m in modules]
+        info.normalize = any(t.endswith("Normalize") for t in types)
+        for module in modules:
+            kind = module.get("type", "").rsplit(".", 1)[-1]
+            if kind == "Pooling":
+                pooling_config = _read_json(model_dir / module["path"] / "config.json")
+                info.pooling = _pooling_mode(pooling_config, model_dir)
+            elif kind not in ("Transformer", "Normalize"):
+                raise QembedError(f"{model_dir}: sentence-transformers module {kind!r} is not supported")
+    bert_config = model_dir / "sentence_bert_config.json"
+    if bert_config.is_file():
+        data = _read_json(bert_config)
+        info.max_seq_length = data.get("max_seq_length")
+        info.do_lower_case = bool(data.get("do_lower_case", False))
+    st_config = model_dir / "config_sentence_transformers.json"
+    if st_config.is_file():
+        info.prompts = {k: v for k, v in (_read_json(st_config).get("prompts") or {}).items() if isinstance(v, str)}
+    return info
+
+
+def _pooling_mode(pooling_config: dict, model_dir: Path) -> str:
+    modes = {
+        "pooling_mode_lasttoken": "lasttoken",
+        "pooling_mode_mean_tokens": "mean",
+        "pooling_mode_cls_token": "cls",
+    }
+    chosen = [mode for key, mode in modes.items() if pooling_config.get(key)]
+    if "pooling_mode" in pooling_config:  # newer sentence-transformers write a single string
+        chosen = [{"lasttoken": "lasttoken", "mean": "mean", "cls": "cls"}.get(pooling_config["pooling_mode"], "?")]
+    if len(chosen) != 1 or chosen[0] == "?":
+        raise QembedError(f"{model_dir}: unsupported pooling configuration {pooling_config}")
+    return chosen[0]
+
+
+def write_sentence_transformers_files(model_dir: Path, info: SentenceTransformersInfo, hidden_size: int) -> None:
+    """Write `modules.json`, `1_Pooling/config.json` and friends so the folder loads in sentence-transformers too."""
+    model_dir = Path(model_dir)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if info.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (model_dir / "2_Normalize").mkdir(parents=True, exist_ok=True)
+    (model_dir / "modules.json").write_text(json.dumps(modules, indent=2))
+    (model_dir / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    pooling = {
+        "word_embedding_dimension": hidden_size,
+        "pooling_mode_cls_token": info.pooling == "cls",
+        "pooling_mode_mean_tokens": info.pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": info.pooling == "lasttoken",
+        "include_prompt": True,
+    }
+    (model_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    bert = {"max_seq_length": info.max_seq_length, "do_lower_case": info.do_lower_case}
+    (model_dir / "sentence_bert_config.json").write_text(json.dumps(bert, indent=2))
+    st = {"prompts": info.prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    (model_dir / "config_sentence_transformers.json").write_text(json.dumps(st, indent=2, ensure_ascii=False))
+
+
+def weights_fingerprint(model_dir: Path, *extra: object) -> str:
+    """A short stable id of a model folder's weights and configuration (for on-disk caches)."""
+    digest = hashlib.sha1()
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file() and (path.suffix in (".safetensors", ".bin", ".json")):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(model_dir)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            if path.suffix == ".json" and stat.st_size < 1_000_000:
+                digest.update(path.read_bytes())
+    for item in extra:
+        digest.update(repr(item).encode())
+    return digest.hexdigest()[:16]
+
+
+def load_pretrained(auto_class, model_dir: Path, **kwargs):
+    """`auto_class.from_pretrained(model_dir)`, with a broken folder reported as one line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise for a toolkit user
+    try:
+        return auto_class.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QembedError(f"cannot load {auto_class.__name__} from {model_dir}: {first_line}") from None

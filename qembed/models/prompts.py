@@ -1,0 +1,55 @@
+"""Every prompt format of the Qwen3 embedding and reranking models, in one place.
+
+Formats follow the published Qwen3-Embedding / Qwen3-Reranker model cards exactly; most user bug reports
+about these models are formatting errors, so nothing else in the package builds these strings.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Default query instruction of Qwen3-Embedding (model card and `config_sentence_transformers.json`).
+DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+#: Default instruction of Qwen3-Reranker (model card).
+DEFAULT_RERANK_INSTRUCTION = DEFAULT_QUERY_INSTRUCTION
+
+#: The end-of-text token every Qwen3-Embedding sequence ends with (id 151643).
+END_OF_TEXT = "<|endoftext|>"
+
+RERANK_SYSTEM = (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".'
+)
+RERANK_PREFIX = f"<|im_start|>system\n{RERANK_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+_INSTRUCT_PROMPT = re.compile(r"^Instruct: (?P<instruction>.*)\nQuery:$", re.DOTALL)
+
+
+def query_prefix(instruction: str | None) -> str:
+    """The text placed before a query: `Instruct: {instruction}\\nQuery:` (no space after `Query:`)."""
+    return f"Instruct: {instruction}\nQuery:" if instruction else ""
+
+
+def format_query(query: str, instruction: str | None) -> str:
+    """A query as Qwen3-Embedding expects it; without an instruction the query is unchanged."""
+    return query_prefix(instruction) + query
+
+
+def instruction_from_prompt(prompt: str) -> str | None:
+    """Recover the instruction from a sentence-transformers query prompt in the Qwen3 template, else None."""
+    match = _INSTRUCT_PROMPT.match(prompt)
+    return match.group("instruction") if match else None
+
+
+def rerank_body(query: str, document: str, instruction: str | None) -> tuple[str, str]:
+    """The user turn of a Qwen3-Reranker pair, split as (head, document) so truncation can cut the document."""
+    instruction = instruction or DEFAULT_RERANK_INSTRUCTION
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: ", document
+
+
+def format_rerank_pair(query: str, document: str, instruction: str | None) -> str:
+    """The full Qwen3-Reranker input string (prefix + body + suffix), untruncated."""
+    head, doc = rerank_body(query, document, instruction)
+    return RERANK_PREFIX + head + doc + RERANK_SUFFIX

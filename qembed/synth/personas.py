@@ -1,0 +1,101 @@
+"""Persona library and per-document candidate retrieval (top-k personas by embedding similarity)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from qembed.errors import QembedError
+
+PERSONA_FIELDS = ("persona", "input persona", "description", "text")
+DEFAULT_LIBRARY = "personas.jsonl"
+# Documents play the query role (we look up who would read them); personas are the "documents".
+PERSONA_INSTRUCTION = "Given a passage, retrieve descriptions of people who would search for the information in it"
+DOC_CHARS_FOR_MATCHING = 2000  # the opening of a document is enough to place it among personas
+
+
+def _from_lines(lines: list[str], source: str) -> list[str]:
+    personas: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise QembedError(f"{source}:{number}: invalid JSON line") from None
+            value = next((record[f] for f in PERSONA_FIELDS if isinstance(record.get(f), str)), None)
+            if value is None:
+                raise QembedError(f"{source}:{number}: no persona field (expected one of {', '.join(PERSONA_FIELDS)})")
+            line = value.strip()
+        if line:
+            personas.append(line)
+    # keep the first occurrence of each persona, in file order
+    return list(dict.fromkeys(personas))
+
+
+def load_personas(path: str | Path | None = None) -> list[str]:
+    """Personas from a user file — JSONL with a `persona` field (Persona Hub's format; `input persona`
+    is accepted too) or plain text, one per line — or, with no path, the library shipped with qembed."""
+    if path is None:
+        text = resources.files("qembed.synth").joinpath("resources", DEFAULT_LIBRARY).read_text(encoding="utf-8")
+        return _from_lines(text.splitlines(), DEFAULT_LIBRARY)
+    path = Path(path)
+    if not path.is_file():
+        raise QembedError(f"persona file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise QembedError(f"{path}: not valid UTF-8") from None
+    personas = _from_lines(text.splitlines(), str(path))
+    if not personas:
+        raise QembedError(f"{path}: no personas in the file")
+    return personas
+
+
+@dataclass
+class PersonaMatcher:
+    """Finds the `k` personas closest to each document. The persona library is embedded once, at
+    construction; with `k` or fewer personas no embedder is needed and all are candidates."""
+
+    personas: list[str]
+    embedder: Any = None
+    k: int = 5
+    vectors: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.personas:
+            raise QembedError("the persona library is empty")
+        if len(self.personas) > self.k:
+            if self.embedder is None:
+                raise QembedError(f"{len(self.personas)} personas need an embedding model to pick {self.k} per document")
+            if self.vectors is None:
+                self.vectors = self.embedder.encode_documents(self.personas, show_progress=False)
+
+    @property
+    def needs_embedder(self) -> bool:
+        return len(self.personas) > self.k
+
+    def candidates(self, documents: list[str]) -> list[list[str]]:
+        """For each document, its top-`k` personas, most similar first."""
+        import numpy as np
+
+        if not self.needs_embedder:
+            return [list(self.personas) for _ in documents]
+        heads = [d[:DOC_CHARS_FOR_MATCHING] for d in documents]
+        if self.embedder.default_instruction is not None:  # instruction-aware model: documents ask the question
+            doc_vecs = self.embedder.encode_queries(heads, instruction=PERSONA_INSTRUCTION, show_progress=False)
+        else:
+            doc_vecs = self.embedder.encode(heads, show_progress=False)
+        scores = np.asarray(doc_vecs, dtype=np.float32) @ np.asarray(self.vectors, dtype=np.float32).T
+        k = self.k
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        result = []
+        for row, idx in zip(scores, top):
+            order = idx[np.argsort(-row[idx], kind="stable")]
+            result.append([self.personas[i] for i in order])
+        return result
