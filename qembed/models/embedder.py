@@ -114,6 +114,8 @@ class Embedder:
     def prepare(self, texts: Sequence[str], *, instruction: str | None = None, prompt: str = "") -> list[list[int]]:
         """Token ids of fully formatted texts: instruction template or prompt, truncation, end-of-text token."""
         texts = check_texts(texts)
+        if not texts:
+            return []
         prefix = prompts.query_prefix(instruction) if instruction else prompt
         if self.info.do_lower_case:
             texts = [t.lower() for t in texts]

@@ -81,6 +81,8 @@ class Reranker:
         if not isinstance(query, str):
             raise TypeError(f"query is {type(query).__name__}, expected str")
         documents = check_texts(documents)
+        if not documents:
+            return []
         if self.kind == "cross-encoder":
             encoded = self.tokenizer([query] * len(documents), documents, truncation=True, max_length=self.max_length)
             return [list(ids) for ids in encoded["input_ids"]]

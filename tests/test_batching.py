@@ -1,0 +1,39 @@
+import random
+
+import pytest
+import torch
+
+from qembed.models.batching import pad_batch, token_budget_batches
+
+
+def test_batches_cover_every_index_once_and_respect_the_budget():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 500) for _ in range(300)]
+    batches = token_budget_batches(lengths, 2048)
+    flat = [i for batch in batches for i in batch]
+    assert sorted(flat) == list(range(300))
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) * longest <= 2048 or len(batch) == 1
+    # longest first, so padding inside a batch is small
+    assert lengths[batches[0][0]] == max(lengths)
+
+
+def test_text_longer_than_budget_gets_its_own_batch():
+    assert token_budget_batches([10, 5000, 10], 100) == [[1], [0, 2]]
+
+
+def test_bad_budget():
+    with pytest.raises(ValueError):
+        token_budget_batches([1], 0)
+
+
+def test_left_padding_positions_start_at_first_real_token():
+    batch = pad_batch([[5, 6, 7], [8]], pad_id=0, left=True)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    right = pad_batch([[5, 6, 7], [8]], pad_id=0, left=False)
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert "position_ids" not in right
+    assert right["input_ids"].dtype == torch.long

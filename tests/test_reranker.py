@@ -1,0 +1,113 @@
+"""Reranker semantics: Qwen3 yes/no scoring against the published recipe, truncation, cross-encoders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qembed import Reranker
+from qembed.models.prompts import RERANK_PREFIX, RERANK_SUFFIX
+
+QUERY = "How do I stop rice blast?"
+DOCS = [
+    "Rice blast is controlled with resistant varieties and balanced nitrogen.",
+    "The Eiffel Tower is in Paris.",
+    "",
+    "Fungicides such as tricyclazole protect rice against blast. " * 8,
+]
+
+
+def reference_scores(model_dir, query, docs, instruction, max_length=8192):
+    """The published Qwen3-Reranker recipe, written out independently, batched with left padding."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prefix = tokenizer.encode(RERANK_PREFIX, add_special_tokens=False)
+    suffix = tokenizer.encode(RERANK_SUFFIX, add_special_tokens=False)
+    instruction = instruction or "Given a web search query, retrieve relevant passages that answer the query"
+    pairs = [f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}" for doc in docs]
+    inputs = tokenizer(pairs, padding=False, truncation="longest_first", add_special_tokens=False,
+                       max_length=max_length - len(prefix) - len(suffix))  # fmt: skip
+    inputs["input_ids"] = [prefix + ids + suffix for ids in inputs["input_ids"]]
+    scores = []
+    for ids in inputs["input_ids"]:  # one at a time: no padding involved at all
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[:, -1, :]
+        pair = torch.stack([logits[:, tokenizer.convert_tokens_to_ids("no")],
+                            logits[:, tokenizer.convert_tokens_to_ids("yes")]], dim=1)  # fmt: skip
+        scores.append(torch.log_softmax(pair, dim=1)[:, 1].exp().item())
+    return scores
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_reranker_path):
+    return Reranker.from_pretrained(tiny_reranker_path)
+
+
+def test_scores_match_published_recipe(reranker, tiny_reranker_path):
+    assert reranker.kind == "qwen3" and (reranker.yes_id, reranker.no_id) == (9693, 2152)
+    for instruction in (None, "Find agronomy advice"):
+        got = reranker.score(QUERY, DOCS, instruction=instruction)
+        want = reference_scores(tiny_reranker_path, QUERY, DOCS, instruction)
+        assert got == pytest.approx(want, abs=1e-5)
+        assert all(0.0 <= s <= 1.0 for s in got)
+
+
+def test_scores_do_not_depend_on_batching(reranker):
+    together = reranker.score(QUERY, DOCS)
+    alone = [reranker.score(QUERY, [doc])[0] for doc in DOCS]
+    assert together == pytest.approx(alone, abs=1e-5)
+    assert reranker.score(QUERY, DOCS, batch_tokens=1) == pytest.approx(together, abs=1e-5)
+
+
+def test_truncation_cuts_the_body_and_keeps_prefix_and_suffix(tiny_reranker_path):
+    reranker = Reranker.from_pretrained(tiny_reranker_path, max_length=120)
+    tokenizer = reranker.tokenizer
+    prefix = tokenizer.encode(RERANK_PREFIX, add_special_tokens=False)
+    suffix = tokenizer.encode(RERANK_SUFFIX, add_special_tokens=False)
+    ids = reranker.prepare_pairs(QUERY, ["very long document " * 200, "short"])
+    assert len(ids[0]) == 120
+    for row in ids:
+        assert row[: len(prefix)] == prefix and row[-len(suffix):] == suffix
+    assert "<Query>: How do I stop rice blast?" in tokenizer.decode(ids[0])
+    got = reranker.score(QUERY, ["very long document " * 200])
+    assert got == pytest.approx(reference_scores(tiny_reranker_path, QUERY, ["very long document " * 200], None, 120), abs=1e-5)
+
+
+def test_rerank_orders_by_score(reranker):
+    scores = reranker.score(QUERY, DOCS)
+    ranked = reranker.rerank(QUERY, DOCS)
+    assert [i for i, _ in ranked] == sorted(range(len(DOCS)), key=lambda i: -scores[i])
+    assert [s for _, s in ranked] == sorted(scores, reverse=True)
+    assert len(reranker.rerank(QUERY, DOCS, top_k=2)) == 2
+    assert reranker.rerank(QUERY, []) == []
+
+
+def test_bad_input(reranker):
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        reranker.score(QUERY, ["ok", None])
+    with pytest.raises(TypeError, match="query"):
+        reranker.score(123, ["ok"])
+
+
+def test_sequence_classification_cross_encoder(tmp_path, minilm_path):
+    """A bge-reranker-style model (tiny random BERT head, real MiniLM tokenizer) scores sigmoid(logit)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(minilm_path, num_labels=1, num_hidden_layers=2)
+    config.architectures = ["BertForSequenceClassification"]
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    folder = tmp_path / "cross-encoder"
+    model.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    tokenizer.save_pretrained(folder)
+    reranker = Reranker.from_pretrained(folder)
+    assert reranker.kind == "cross-encoder"
+    got = reranker.score(QUERY, DOCS)
+    want = []
+    for doc in DOCS:
+        inputs = tokenizer([QUERY], [doc], return_tensors="pt", truncation=True)  # batched form, as CrossEncoder
+        with torch.no_grad():
+            want.append(torch.sigmoid(model(**inputs).logits[0, 0]).item())
+    assert got == pytest.approx(want, abs=1e-5)
