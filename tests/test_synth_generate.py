@@ -1,0 +1,170 @@
+"""The two-stage pipeline end to end against the scripted server: records, retries, rejects, resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from llm_server import CASES, ScriptedLLMServer
+
+from qembed.data.jsonl import read_jsonl
+from qembed.synth.corpus import Document, read_corpus
+from qembed.synth.generate import SynthConfig, rejects_path, split_sentences, synthesize
+from qembed.synth.llm import OpenAIChat, RetryPolicy
+from qembed.synth.personas import PersonaMatcher
+from qembed.synth.prompts import PROMPT_VERSION
+
+ROOT = Path(__file__).resolve().parent.parent
+PERSONAS = ["A rice farmer in Hunan who grows two crops a year.", "A plant pathologist studying fungal diseases."]
+TEXT = "Rice blast is a fungal disease of rice. Farmers spray tricyclazole at booting to control it."
+
+
+def _llm(server, **kwargs):
+    options = {"concurrency": 8, "timeout": 0.5, "retry": RetryPolicy(max_retries=3, backoff_base=0.02, backoff_max=0.1)}
+    return OpenAIChat(server.base_url, "scripted-llm", **{**options, **kwargs})
+
+
+@pytest.fixture
+def server():
+    with ScriptedLLMServer() as s:
+        yield s
+
+
+def test_every_scripted_case(server, tmp_path):
+    docs = [Document(f"doc-{case}", f"[case={case}] {TEXT}") for case in CASES]
+    out = tmp_path / "synth.jsonl"
+    stats = synthesize(docs, out, _llm(server), matcher=PersonaMatcher(PERSONAS),
+                       config=SynthConfig(languages=["zh", "en"]), show_progress=False)  # fmt: skip
+    records = {r["query_id"]: r for r in read_jsonl(out)}
+    rejects = {r["query_id"]: r for r in read_jsonl(rejects_path(out))}
+    failing = {"invalid", "garbage", "down"}
+    assert set(records) == {f"doc-{c}-q0" for c in CASES if c not in failing}
+    assert set(rejects) == {f"doc-{c}-q0" for c in failing}
+    assert (stats.done, stats.failed) == (len(CASES) - 3, 3)
+
+    for case in set(CASES) - failing:
+        r = records[f"doc-{case}-q0"]
+        assert r["pos"] == [docs[list(CASES).index(case)].text] and r["neg"] == [] and r["pos_ids"] == [f"doc-{case}"]
+        meta = r["meta"]
+        assert meta["character"] in PERSONAS
+        assert meta["llm_model"] == "scripted-llm" and meta["prompt_version"] == PROMPT_VERSION
+        assert meta["language"] in {"zh", "en"}
+        # the query the scripted model wrote in the requested language
+        expected = "水稻稻瘟病应该如何防治" if meta["language"] == "zh" else "how do farmers control rice blast disease"
+        assert r["query"] == expected
+        assert 6 <= meta["length"] <= 40 if meta["language"] == "zh" else 4 <= meta["length"] <= 30
+    assert records["doc-normalise-q0"]["meta"]["question_type"] == "yes_or_no"
+    assert records["doc-normalise-q0"]["meta"]["difficulty"] == "phd"
+    assert records["doc-good-q0"]["meta"]["difficulty"] == "university"
+
+    assert rejects["doc-garbage-q0"]["stage"] == "config" and not rejects["doc-garbage-q0"]["transient"]
+    assert len(rejects["doc-garbage-q0"]["raw"]) == 3  # the answer plus two repair attempts
+    assert "not one of" in rejects["doc-invalid-q0"]["reason"]
+    assert rejects["doc-down-q0"]["transient"] and "503" in rejects["doc-down-q0"]["reason"]
+
+    # retries really happened at the server: per request, 429 once, 500 twice, one hang
+    def statuses(case):
+        return [r["status"] for r in server.requests if f"[case={case}]" in r["body"]["messages"][1]["content"]]
+
+    assert statuses("r429") == [429, 200, 429, 200]
+    assert statuses("r500") == [500, 500, 200, 500, 500, 200]
+    assert statuses("down") == [503] * 4
+    assert len(statuses("hang")) == 4  # two stages, each timed out once
+    # the repair turn carried the bad answer back to the model
+    repair = [r["body"]["messages"] for r in server.requests if "[case=repair]" in r["body"]["messages"][1]["content"]]
+    assert any(len(m) == 4 and m[2]["role"] == "assistant" and "could not be used" in m[3]["content"] for m in repair)
+
+
+def test_resume_skips_done_retries_transient_and_ignores_truncated_tail(server, tmp_path):
+    docs = [Document(f"d{i}", f"{TEXT} ({i})") for i in range(6)] + [Document("dx", f"[case=down] {TEXT}")]
+    out = tmp_path / "synth.jsonl"
+    config = SynthConfig(queries_per_doc=2)
+    first = synthesize(docs, out, _llm(server), matcher=PersonaMatcher(PERSONAS), config=config, show_progress=False)
+    assert (first.done, first.failed) == (12, 2)
+    # simulate a kill mid-write: drop the last record and leave half of it on the last line
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:-1]) + lines[-1][:25])
+    lost = json.loads(lines[-1])["query_id"]
+    requests_before = len(server.requests)
+    second = synthesize(docs, out, _llm(server), matcher=PersonaMatcher(PERSONAS), config=config, show_progress=False)
+    assert second.skipped == 11  # the transient failures (dx) and the torn record are redone
+    assert second.done == 1 and second.failed == 2
+    records = read_jsonl(out)
+    ids = [r["query_id"] for r in records]
+    assert sorted(ids) == sorted(f"d{i}-q{j}" for i in range(6) for j in range(2))
+    assert lost in ids
+    assert len(server.requests) - requests_before == 2 + 2 * 4  # one job redone, two down jobs retried
+
+
+def test_sts_and_bitext_tasks(server, tmp_path):
+    docs = [
+        Document("en1", "Rice blast is caused by a fungus. It spreads quickly in warm and humid weather conditions."),
+        Document("zh1", "稻瘟病是由真菌引起的水稻病害。高温高湿的天气条件下传播很快。"),
+    ]
+    sts = synthesize(docs, tmp_path / "sts.jsonl", _llm(server), config=SynthConfig(task="sts"), show_progress=False)
+    assert sts.done == 2
+    for r in read_jsonl(tmp_path / "sts.jsonl"):
+        doc = next(d for d in docs if d.doc_id == r["pos_ids"][0])
+        assert r["pos"][0] in split_sentences(doc.text)
+        assert r["query"].startswith("Put differently, ") and r["meta"]["task"] == "sts"
+    bitext = synthesize(docs, tmp_path / "bi.jsonl", _llm(server), config=SynthConfig(task="bitext", languages=["zh", "en"]),
+                        show_progress=False)  # fmt: skip
+    assert bitext.done == 2
+    by_doc = {r["pos_ids"][0]: r for r in read_jsonl(tmp_path / "bi.jsonl")}
+    assert by_doc["en1"]["meta"]["language"] == "zh" and by_doc["en1"]["query"] == "这是一段忠实的译文。"
+    assert by_doc["zh1"]["meta"]["language"] == "en" and by_doc["zh1"]["meta"]["source_language"] == "zh"
+    assert by_doc["en1"]["pos"][0] in docs[0].text
+
+
+def test_read_corpus_formats(tmp_path):
+    beir = tmp_path / "corpus.jsonl"
+    beir.write_text('{"_id": "a", "title": "Rice", "text": "blast"}\n{"_id": "b", "title": "", "text": "maize"}\n')
+    assert read_corpus(beir) == [Document("a", "Rice blast"), Document("b", "maize")]
+    txt = tmp_path / "docs.txt"
+    txt.write_text("first\n\nthird\n")
+    assert read_corpus(txt) == [Document("1", "first"), Document("3", "third")]
+    assert read_corpus(txt, limit=1) == [Document("1", "first")]
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "qembed", *args]
+
+
+def test_cli_resumes_after_kill_with_each_document_once(server, tmp_path):
+    n = 24
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"doc{i}", "text": f"{TEXT} Field {i}."}) + "\n" for i in range(n)))
+    personas = tmp_path / "personas.jsonl"
+    personas.write_text("".join(json.dumps({"persona": p}) + "\n" for p in PERSONAS))
+    out = tmp_path / "out.jsonl"
+    command = _cli("synth", "--corpus", str(corpus), "--personas", str(personas), "--llm-base-url", server.base_url,
+                   "--llm-model", "scripted-llm", "--concurrency", "2", "--output", str(out), "--no-progress")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server.latency = 0.15  # slow enough to kill the run part-way
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 5):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    partial = len(read_jsonl(out, allow_truncated_tail=True))
+    assert 5 <= partial < n
+    server.latency = 0.0
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{partial} already done" in result.stdout
+    ids = [r["pos_ids"][0] for r in read_jsonl(out)]
+    assert sorted(ids) == sorted(f"doc{i}" for i in range(n))  # each document exactly once
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = subprocess.run(_cli("synth", "--corpus", str(tmp_path / "missing.jsonl"), "--llm-base-url", "http://x",
+                                 "--llm-model", "m", "--output", str(tmp_path / "o.jsonl")),
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"qembed synth: error: corpus file not found: {tmp_path / 'missing.jsonl'}"]
