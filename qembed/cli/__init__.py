@@ -18,6 +18,7 @@ VERB_MODULES = [
     "qembed.cli.data",
     "qembed.cli.synth",
     "qembed.cli.filter",
+    "qembed.cli.train",
 ]
 
 
