@@ -101,6 +101,24 @@ def test_resume_skips_done_retries_transient_and_ignores_truncated_tail(server, 
     assert len(server.requests) - requests_before == 2 + 2 * 4  # one job redone, two down jobs retried
 
 
+def test_persona_candidates_come_from_the_embedder_per_document(server, tmp_path, tiny_embedder_path):
+    from qembed import Embedder
+
+    personas = [f"Persona {i}: works with {topic}." for i, topic in enumerate(
+        ["rice", "maize", "law", "databases", "marathons", "bread", "bridges", "vaccines"])]  # fmt: skip
+    matcher = PersonaMatcher(personas, Embedder.from_pretrained(str(tiny_embedder_path), device="cpu"))
+    docs = [Document(f"d{i}", f"{TEXT} Variant {i} " + "word " * i) for i in range(7)]
+    expected = {d.doc_id: c for d, c in zip(docs, matcher.candidates([d.text for d in docs]))}
+    out = tmp_path / "p.jsonl"
+    config = SynthConfig(chunk_size=3, concurrency=2)
+    stats = synthesize(docs, out, _llm(server), matcher=matcher, config=config, show_progress=False)
+    assert stats.done == 7
+    for r in read_jsonl(out):
+        assert r["meta"]["character"] == expected[r["pos_ids"][0]][0]  # the scripted model picks candidate 1
+    prompts = [r["body"]["messages"][1]["content"] for r in server.requests if "Characters:" in r["body"]["messages"][1]["content"]]
+    assert all(sum(p in prompt for p in personas) == 5 for prompt in prompts)  # five candidates shown
+
+
 def test_sts_and_bitext_tasks(server, tmp_path):
     docs = [
         Document("en1", "Rice blast is caused by a fungus. It spreads quickly in warm and humid weather conditions."),

@@ -281,9 +281,13 @@ async def _run(pending, total, output, llm, matcher, cfg, stats, show_progress) 
                smoothing=0.05)  # fmt: skip
     bar.set_postfix(done=0, failed=0)
 
+    # a small first chunk gets requests going before the bulk of the persona matching
+    first = min(cfg.chunk_size, 2 * cfg.concurrency)
+    bounds = [0, *range(first, len(pending), cfg.chunk_size), len(pending)]
+
     async def produce() -> None:
-        for begin in range(0, len(pending), cfg.chunk_size):
-            chunk = pending[begin : begin + cfg.chunk_size]
+        for begin, end in zip(bounds, bounds[1:]):
+            chunk = pending[begin:end]
             candidates: list[Any] = [None] * len(chunk)
             if cfg.task == "retrieval":
                 assert matcher is not None
