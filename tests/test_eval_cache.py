@@ -97,7 +97,7 @@ def test_killed_run_partial_shard_is_ignored(tmp_path):
     (cache.path / ".99999999999999999999-1.keys.npy.1.tmp").write_bytes(b"junk")
     # And a shard whose keys and vectors disagree.
     np.save(cache.path / "99999999999999999998-1.vec.npy", np.zeros((1, 8), dtype=np.float32))
-    np.save(cache.path / "99999999999999999998-1.keys.npy", np.array([b"x" * 20, b"y" * 20], dtype="S20"))
+    np.save(cache.path / "99999999999999999998-1.keys.npy", np.zeros((2, 20), dtype=np.uint8))
     emb.encoded.clear()
     vectors = encode_with_cache(emb, ["a", "b", "c"], cache_dir=tmp_path)
     assert emb.encoded == ["c"]
@@ -117,3 +117,13 @@ def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
 
 def test_empty_input(tmp_path):
     assert encode_with_cache(CountingEmbedder(), [], cache_dir=tmp_path).shape[0] == 0
+
+
+def test_hash_with_trailing_zero_byte_round_trips(tmp_path):
+    # numpy byte strings drop trailing NULs; the cache must keep the full 20-byte digest.
+    text = next(f"t{i}" for i in range(100000) if hashlib.sha1(f"t{i}".encode()).digest().endswith(b"\0"))
+    emb = CountingEmbedder()
+    encode_with_cache(emb, [text], cache_dir=tmp_path)
+    emb.encoded.clear()
+    np.testing.assert_array_equal(encode_with_cache(emb, [text], cache_dir=tmp_path), CountingEmbedder().encode([text]))
+    assert emb.encoded == []

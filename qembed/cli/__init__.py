@@ -16,6 +16,7 @@ VERB_MODULES = [
     "qembed.cli.embed",
     "qembed.cli.rerank",
     "qembed.cli.data",
+    "qembed.cli.eval",
     "qembed.cli.synth",
     "qembed.cli.filter",
     "qembed.cli.train",

@@ -1,7 +1,7 @@
 """On-disk embedding cache, so a second evaluation (another reranker, another k list) does not re-encode.
 
 Layout: `<cache root>/<key>/` per (model fingerprint, instruction, dim, normalize), holding `meta.json`
-and append-only shards `<name>.vec.npy` (float32 rows) + `<name>.keys.npy` (sha1 of each row's text).
+and append-only shards `<name>.vec.npy` (float32 rows) + `<name>.keys.npy` (sha1 of each row's text, uint8).
 A shard counts only once both files exist with the same row count; each file is written to a temporary
 name and renamed, the keys last, so a run killed mid-write leaves nothing that is read back.
 """
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
+KEY_BYTES = 20  # sha1 digest, stored as uint8 rows (numpy bytes strings would drop trailing zero bytes)
 SUB_BATCH = 128  # texts per encode call inside a chunk (the progress bar moves at this pace)
 
 
@@ -87,7 +88,7 @@ class EmbeddingCache:
         name = f"{time.time_ns():020d}-{os.getpid()}"
         _atomic_write(self.path / f"{name}.vec.npy", _npy_bytes(vectors))
         keys_path = self.path / f"{name}.keys.npy"
-        _atomic_write(keys_path, _npy_bytes(np.array(keys, dtype="S20")))
+        _atomic_write(keys_path, _npy_bytes(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, KEY_BYTES)))
         self._open_shard(keys_path)
 
     def _open_shard(self, keys_path: Path) -> None:
@@ -98,13 +99,14 @@ class EmbeddingCache:
         except (OSError, ValueError) as exc:
             log.warning("embedding cache: ignoring unreadable shard %s (%s)", keys_path.name, exc)
             return
-        if vectors.ndim != 2 or len(vectors) != len(keys):
+        if keys.dtype != np.uint8 or keys.shape[1:] != (KEY_BYTES,) or vectors.ndim != 2 or len(vectors) != len(keys):
             log.warning("embedding cache: ignoring inconsistent shard %s", keys_path.name)
             return
         number = len(self._shards)
         self._shards.append(vectors)
-        for row, key in enumerate(keys.tolist()):
-            self._where[key] = (number, row)
+        data = keys.tobytes()
+        for row in range(len(keys)):
+            self._where[data[row * KEY_BYTES : (row + 1) * KEY_BYTES]] = (number, row)
 
 
 def iter_encode_with_cache(

@@ -1,0 +1,5 @@
+"""Retrieval evaluation: metrics, the embedding cache, `evaluate` and its report."""
+
+from qembed.eval.evaluate import MODEL_DEFAULT, evaluate
+
+__all__ = ["MODEL_DEFAULT", "evaluate"]
