@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -57,11 +58,14 @@ def main() -> None:
         llm = OpenAIChat(base_url, "scripted", concurrency=args.concurrency, timeout=30,
                          retry=RetryPolicy(max_retries=2, backoff_base=0.1))  # fmt: skip
         config = SynthConfig(languages=["en", "zh"], concurrency=args.concurrency)
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         with tempfile.TemporaryDirectory() as tmp:
             stats = synthesize(docs, Path(tmp) / "out.jsonl", llm, matcher=matcher, config=config, show_progress=False)
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     finally:
         server.terminate()
         server.wait()
+    client_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     rate = stats.done / stats.seconds
     print(f"documents: {len(docs)}  done: {stats.done}  failed: {stats.failed}  cores: {os.cpu_count()}")
     print(f"server latency: {args.latency * 1000:.0f} ms/request, 2 requests/document, concurrency {args.concurrency}")
@@ -69,6 +73,8 @@ def main() -> None:
                                           if args.personas == "minilm" else " (5 given, no embedder)"))  # fmt: skip
     print(f"end to end: {stats.seconds:.1f}s -> {rate:.1f} documents/s "
           f"(ideal at this latency: {args.concurrency / (2 * args.latency):.0f}/s)")  # fmt: skip
+    print(f"client CPU: {client_cpu:.1f}s = {1000 * client_cpu / max(len(docs), 1):.1f} ms/document; "
+          f"machine load average at the end: {os.getloadavg()[0]:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ class FilterReport:
         for reason, count in self.dropped.items():
             lines.append(f"  dropped {count:>7}  {reason}")
         for name in REPORT_FIELDS:
-            lines.append(f"{name}:{'before':>26}{'after':>16}")
+            lines.append(f"{name + ':':<22}{'before':>14}{'after':>16}")
             keys = sorted(set(self.before.get(name, {})) | set(self.after.get(name, {})))
             for key in keys:
                 b, a = self.before[name][key], self.after[name][key]
