@@ -81,6 +81,7 @@ def test_length_bucket_by_language():
     assert length_bucket({"query": " ".join(["w"] * 45)}) == "41+ words"
 
 
+@pytest.mark.slow
 def test_filter_file_and_cli(minilm_path, tmp_path):
     src = tmp_path / "synth.jsonl"
     write_jsonl(src, RECORDS[:2] + RECORDS[4:5])

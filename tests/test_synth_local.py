@@ -3,6 +3,8 @@ document must end up in the rejects file and the run must finish cleanly."""
 
 from __future__ import annotations
 
+import pytest
+
 from qembed.data.jsonl import read_jsonl
 from qembed.synth.corpus import Document
 from qembed.synth.generate import SynthConfig, rejects_path, synthesize
@@ -10,6 +12,7 @@ from qembed.synth.llm import CHATML_TEMPLATE, LocalChat
 from qembed.synth.personas import PersonaMatcher
 
 
+@pytest.mark.slow
 def test_local_backend_batches_and_run_ends_with_rejects(tiny_reranker_path, tmp_path):
     llm = LocalChat(str(tiny_reranker_path), batch_size=4, device="cpu")
     assert llm.tokenizer.chat_template == CHATML_TEMPLATE  # the tiny tokenizer has none: ChatML fallback

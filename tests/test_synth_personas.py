@@ -81,6 +81,7 @@ def minilm(minilm_path):
     return Embedder.from_pretrained(str(minilm_path), device="cpu")
 
 
+@pytest.mark.slow
 def test_top5_personas_by_similarity_with_minilm(minilm):
     library = load_personas()
     english = [p for p in library if not re.search(r"[\u4e00-\u9fff]", p)]
