@@ -20,6 +20,7 @@ VERB_MODULES = [
     "qembed.cli.synth",
     "qembed.cli.filter",
     "qembed.cli.train",
+    "qembed.cli.merge",
 ]
 
 
