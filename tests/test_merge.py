@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from qembed.errors import QembedError
 from qembed.merge import merge_models, slerp
-from qembed.testing import build_qwen3_embedding, build_qwen3_reranker
+from qembed.testing import build_qwen3_embedding
 
 ROOT = Path(__file__).resolve().parent.parent
 
