@@ -37,3 +37,14 @@ def test_left_padding_positions_start_at_first_real_token():
     assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert "position_ids" not in right
     assert right["input_ids"].dtype == torch.long
+
+
+def test_padding_stays_small_once_a_batch_is_big_enough():
+    # the benchmark's shape: 27 texts spread evenly from 12 to 473 tokens all fit one 16k budget,
+    # but one batch would pad them to twice their real size
+    lengths = [round(12 + (473 - 12) * k / 26) for k in range(27)]
+    batches = token_budget_batches(lengths, 16384, min_batch_tokens=1024, max_padding=0.2)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded <= 1.2 * sum(lengths)
+    for batch in batches[:-1]:  # every closed batch either filled up or its next text was much shorter
+        assert sum(lengths[i] for i in batch) >= 1024

@@ -7,24 +7,37 @@ from collections.abc import Sequence
 import torch
 
 
-def token_budget_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int = 512) -> list[list[int]]:
+def token_budget_batches(
+    lengths: Sequence[int],
+    batch_tokens: int,
+    *,
+    max_batch_size: int = 512,
+    min_batch_tokens: int = 1024,
+    max_padding: float = 0.2,
+) -> list[list[int]]:
     """Indices grouped into batches, longest texts first.
 
-    Each batch's padded size (rows x its longest length) stays within `batch_tokens`, except a single text
-    longer than the budget, which gets a batch of its own. Sorting keeps padding waste small.
+    A batch's padded size (rows x its longest length) stays within `batch_tokens` (a single text longer than
+    the budget gets a batch of its own). Once a batch holds `min_batch_tokens` real tokens, which is enough to
+    keep the matrix products efficient, it also closes before a text more than `max_padding` shorter than
+    its longest, so padding stays a small fraction of the work.
     """
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
+    real_tokens = 0
     for index in order:
-        # sorted descending, so the first item of a batch is its longest
-        longest = lengths[current[0]] if current else lengths[index]
-        if current and ((len(current) + 1) * longest > batch_tokens or len(current) >= max_batch_size):
-            batches.append(current)
-            current = []
+        if current:
+            longest = lengths[current[0]]  # sorted descending: the first item of a batch is its longest
+            full = (len(current) + 1) * longest > batch_tokens or len(current) >= max_batch_size
+            wasteful = real_tokens >= min_batch_tokens and lengths[index] < (1 - max_padding) * longest
+            if full or wasteful:
+                batches.append(current)
+                current, real_tokens = [], 0
         current.append(index)
+        real_tokens += lengths[index]
     if current:
         batches.append(current)
     return batches
