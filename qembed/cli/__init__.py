@@ -19,6 +19,7 @@ VERB_MODULES = [
     "qembed.cli.eval",
     "qembed.cli.synth",
     "qembed.cli.filter",
+    "qembed.cli.mine",
     "qembed.cli.train",
     "qembed.cli.merge",
 ]
