@@ -14,7 +14,7 @@ PERSONA_FIELDS = ("persona", "input persona", "description", "text")
 DEFAULT_LIBRARY = "personas.jsonl"
 # Documents play the query role (we look up who would read them); personas are the "documents".
 PERSONA_INSTRUCTION = "Given a passage, retrieve descriptions of people who would search for the information in it"
-DOC_CHARS_FOR_MATCHING = 2000  # the opening of a document is enough to place it among personas
+DOC_CHARS_FOR_MATCHING = 600  # the opening of a document is enough to place it among personas
 
 
 def _from_lines(lines: list[str], source: str) -> list[str]:
