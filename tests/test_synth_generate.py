@@ -119,24 +119,27 @@ def test_persona_candidates_come_from_the_embedder_per_document(server, tmp_path
     assert all(sum(p in prompt for p in personas) == 5 for prompt in prompts)  # five candidates shown
 
 
-def test_sts_and_bitext_tasks(server, tmp_path):
+def test_sts_and_bitext_tasks_share_one_output(server, tmp_path):
     docs = [
         Document("en1", "Rice blast is caused by a fungus. It spreads quickly in warm and humid weather conditions."),
         Document("zh1", "稻瘟病是由真菌引起的水稻病害。高温高湿的天气条件下传播很快。"),
     ]
-    sts = synthesize(docs, tmp_path / "sts.jsonl", _llm(server), config=SynthConfig(task="sts"), show_progress=False)
-    assert sts.done == 2
-    for r in read_jsonl(tmp_path / "sts.jsonl"):
-        doc = next(d for d in docs if d.doc_id == r["pos_ids"][0])
-        assert r["pos"][0] in split_sentences(doc.text)
-        assert r["query"].startswith("Put differently, ") and r["meta"]["task"] == "sts"
-    bitext = synthesize(docs, tmp_path / "bi.jsonl", _llm(server), config=SynthConfig(task="bitext", languages=["zh", "en"]),
+    out = tmp_path / "pairs.jsonl"
+    sts = synthesize(docs, out, _llm(server), config=SynthConfig(task="sts"), show_progress=False)
+    bitext = synthesize(docs, out, _llm(server), config=SynthConfig(task="bitext", languages=["zh", "en"]),
                         show_progress=False)  # fmt: skip
-    assert bitext.done == 2
-    by_doc = {r["pos_ids"][0]: r for r in read_jsonl(tmp_path / "bi.jsonl")}
-    assert by_doc["en1"]["meta"]["language"] == "zh" and by_doc["en1"]["query"] == "这是一段忠实的译文。"
-    assert by_doc["zh1"]["meta"]["language"] == "en" and by_doc["zh1"]["meta"]["source_language"] == "zh"
-    assert by_doc["en1"]["pos"][0] in docs[0].text
+    assert sts.done == 2 and bitext.done == 2 and bitext.skipped == 0
+    records = {r["query_id"]: r for r in read_jsonl(out)}
+    assert set(records) == {"en1-sts0", "zh1-sts0", "en1-bitext0", "zh1-bitext0"}
+    for doc in docs:
+        r = records[f"{doc.doc_id}-sts0"]
+        assert r["pos"][0] in split_sentences(doc.text) and r["pos_ids"] == [doc.doc_id]
+        assert r["query"].startswith("Put differently, ") and r["meta"]["task"] == "sts"
+    en, zh = records["en1-bitext0"], records["zh1-bitext0"]
+    assert en["meta"]["language"] == "zh" and en["query"] == "这是一段忠实的译文。" and en["pos"][0] in docs[0].text
+    assert zh["meta"]["language"] == "en" and zh["meta"]["source_language"] == "zh"
+    again = synthesize(docs, out, _llm(server), config=SynthConfig(task="sts"), show_progress=False)
+    assert (again.done, again.skipped) == (0, 2)
 
 
 def test_read_corpus_formats(tmp_path):

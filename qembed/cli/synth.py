@@ -71,8 +71,10 @@ def run(args) -> int:
         llm = OpenAIChat(args.llm_base_url, args.llm_model, api_key_env=args.api_key_env,
                          concurrency=args.concurrency, timeout=args.timeout,
                          retry=RetryPolicy(max_retries=args.max_retries), disable_thinking=not args.allow_thinking)  # fmt: skip
-    else:
-        llm = LocalChat(args.llm_local, batch_size=args.local_batch_size, device=args.device)
+    else:  # loaded only after the corpus and personas have been checked
+
+        def llm():
+            return LocalChat(args.llm_local, batch_size=args.local_batch_size, device=args.device)
     stats = synthesize_corpus(
         args.corpus, args.output, llm, config=config, personas=args.personas, embed_model=args.embed_model,
         device=args.device, text_field=args.text_field, limit=args.limit, show_progress=False if args.no_progress else None,

@@ -80,8 +80,10 @@ def rejects_path(output: str | Path) -> Path:
     return output.with_name(stem + ".rejects.jsonl")
 
 
-def query_id(doc_id: str, index: int) -> str:
-    return f"{doc_id}-q{index}"
+def query_id(doc_id: str, index: int, task: str = "retrieval") -> str:
+    """`{doc_id}-q{index}` (retrieval), `{doc_id}-sts{index}`, `{doc_id}-bitext{index}`: stable across
+    runs, and distinct per task so several tasks can share one output file."""
+    return f"{doc_id}-{'q' if task == 'retrieval' else task}{index}"
 
 
 class Rejected(Exception):
@@ -258,7 +260,7 @@ def synthesize(
     finished = done | rejected
     stats = SynthStats()
     for doc in docs:
-        todo = [i for i in range(cfg.queries_per_doc) if query_id(doc.doc_id, i) not in finished]
+        todo = [i for i in range(cfg.queries_per_doc) if query_id(doc.doc_id, i, cfg.task) not in finished]
         stats.skipped += cfg.queries_per_doc - len(todo)
         if todo:
             pending.append((doc, todo))
@@ -303,7 +305,7 @@ async def _run(pending, total, output, llm, matcher, cfg, stats, show_progress) 
             await queue.put(None)
 
     def reject(writer: JsonlAppender, job: _Job, stage: str, reason: str, raw: list[str], transient: bool) -> None:
-        writer.write({"query_id": query_id(job.doc.doc_id, job.index), "doc_id": job.doc.doc_id, "stage": stage,
+        writer.write({"query_id": query_id(job.doc.doc_id, job.index, cfg.task), "doc_id": job.doc.doc_id, "stage": stage,
                       "reason": reason, "transient": transient, "raw": raw, "llm_model": llm.model_name,
                       "prompt_version": prompts.PROMPT_VERSION})  # fmt: skip
         stats.failed += 1
@@ -320,7 +322,7 @@ async def _run(pending, total, output, llm, matcher, cfg, stats, show_progress) 
             else:
                 result["meta"].update(llm_model=llm.model_name, prompt_version=prompts.PROMPT_VERSION, task=cfg.task)
                 out.write({"query": result["query"], "pos": result["pos"], "neg": [],
-                           "query_id": query_id(job.doc.doc_id, job.index), "pos_ids": [job.doc.doc_id],
+                           "query_id": query_id(job.doc.doc_id, job.index, cfg.task), "pos_ids": [job.doc.doc_id],
                            "meta": result["meta"]})  # fmt: skip
                 stats.done += 1
             bar.update(1)
@@ -346,7 +348,7 @@ async def _run(pending, total, output, llm, matcher, cfg, stats, show_progress) 
 def synthesize_corpus(
     corpus: str | Path,
     output: str | Path,
-    llm: ChatLLM,
+    llm: ChatLLM | Callable[[], ChatLLM],
     *,
     config: SynthConfig | None = None,
     personas: str | Path | None = None,
@@ -357,7 +359,8 @@ def synthesize_corpus(
     show_progress: bool | None = None,
 ) -> SynthStats:
     """`synthesize` over a corpus file (see `read_corpus`): loads the persona library (the shipped one
-    when `personas` is None) and, when it has more than five entries, `embed_model` to match them."""
+    when `personas` is None) and, when it has more than five entries, `embed_model` to match them.
+    `llm` may be a zero-argument factory, called once the inputs have been read and checked."""
     from qembed.synth.corpus import read_corpus
     from qembed.synth.personas import load_personas
 
@@ -374,6 +377,9 @@ def synthesize_corpus(
                 embedder = Embedder.from_pretrained(embed_model, device=device)
             matcher = PersonaMatcher(library, embedder)
     except BaseException:
-        asyncio.run(llm.aclose())
+        if not callable(llm):
+            asyncio.run(llm.aclose())
         raise
+    if callable(llm):
+        llm = llm()
     return synthesize(docs, output, llm, matcher=matcher, config=cfg, show_progress=show_progress)

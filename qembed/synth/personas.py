@@ -45,7 +45,7 @@ def load_personas(path: str | Path | None = None) -> list[str]:
         text = resources.files("qembed.synth").joinpath("resources", DEFAULT_LIBRARY).read_text(encoding="utf-8")
         return _from_lines(text.splitlines(), DEFAULT_LIBRARY)
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise QembedError(f"persona file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
