@@ -13,6 +13,7 @@ import pytest
 from llm_server import CASES, ScriptedLLMServer
 
 from qembed.data.jsonl import read_jsonl
+from qembed.errors import QembedError
 from qembed.synth.corpus import Document, read_corpus
 from qembed.synth.generate import SynthConfig, rejects_path, split_sentences, synthesize
 from qembed.synth.llm import OpenAIChat, RetryPolicy
@@ -140,6 +141,18 @@ def test_sts_and_bitext_tasks_share_one_output(server, tmp_path):
     assert zh["meta"]["language"] == "en" and zh["meta"]["source_language"] == "zh"
     again = synthesize(docs, out, _llm(server), config=SynthConfig(task="sts"), show_progress=False)
     assert (again.done, again.skipped) == (0, 2)
+
+
+def test_rejected_api_key_stops_the_run(server, tmp_path):
+    from llm_server import Reply
+
+    server.reply = lambda body, attempt: Reply(401, "invalid api key")
+    docs = [Document(f"d{i}", TEXT) for i in range(20)]
+    with pytest.raises(QembedError, match="401"):
+        synthesize(docs, tmp_path / "o.jsonl", _llm(server, concurrency=2), matcher=PersonaMatcher(PERSONAS),
+                   config=SynthConfig(concurrency=2), show_progress=False)  # fmt: skip
+    assert len(server.requests) <= 2  # stopped at once, not one failure per document
+    assert read_jsonl(tmp_path / "o.jsonl") == []
 
 
 def test_read_corpus_formats(tmp_path):

@@ -27,6 +27,7 @@ from qembed.synth.parsing import (
     length_unit,
     parse_config,
     parse_text,
+    strip_think,
     text_length,
 )
 from qembed.synth.personas import PersonaMatcher
@@ -113,7 +114,8 @@ async def _ask(llm: ChatLLM, messages: list[dict[str, str]], parse: Callable[[st
             return parse(answer)
         except ParseError as exc:
             problem = str(exc)
-        shown = answer if len(answer) <= 2000 else answer[:2000] + " …"
+        shown = strip_think(answer) or answer
+        shown = shown if len(shown) <= 2000 else shown[:2000] + " …"
         messages = [*messages, {"role": "assistant", "content": shown}, prompts.repair_message(problem, example)]
     raise Rejected(stage, f"unusable output: {problem}", raw)
 
