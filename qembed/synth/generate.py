@@ -281,8 +281,8 @@ async def _run(pending, total, output, llm, matcher, cfg, stats, show_progress) 
 
     queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.chunk_size * cfg.queries_per_doc + cfg.concurrency)
     task_func = _TASK_FUNCS[cfg.task]
-    bar = tqdm(total=total, unit="q", desc="synth", disable=show_progress is False, dynamic_ncols=True,
-               smoothing=0.05)  # fmt: skip
+    disable = None if show_progress is None else not show_progress  # None: only on a terminal
+    bar = tqdm(total=total, unit="q", desc="synth", disable=disable, dynamic_ncols=True, smoothing=0.05)
     bar.set_postfix(done=0, failed=0)
 
     # a small first chunk gets requests going before the bulk of the persona matching
