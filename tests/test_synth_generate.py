@@ -143,6 +143,21 @@ def test_sts_and_bitext_tasks_share_one_output(server, tmp_path):
     assert (again.done, again.skipped) == (0, 2)
 
 
+def test_synthesize_corpus_with_the_default_library(server, tmp_path, tiny_embedder_path):
+    from qembed.synth.generate import synthesize_corpus
+    from qembed.synth.personas import load_personas
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"c{i}", "title": "Rice", "text": f"{TEXT} {i}"}) + "\n" for i in range(4)))
+    stats = synthesize_corpus(corpus, tmp_path / "o.jsonl", lambda: _llm(server), embed_model=str(tiny_embedder_path),
+                              limit=3, config=SynthConfig(languages=["zh"]), show_progress=False)  # fmt: skip
+    assert stats.done == 3
+    library = set(load_personas())
+    records = read_jsonl(tmp_path / "o.jsonl")
+    assert sorted(r["pos_ids"][0] for r in records) == ["c0", "c1", "c2"]
+    assert all(r["meta"]["character"] in library and r["pos"][0].startswith("Rice ") for r in records)
+
+
 def test_rejected_api_key_stops_the_run(server, tmp_path):
     from llm_server import Reply
 
