@@ -161,7 +161,8 @@ class OpenAIChat:
                         self.disable_thinking = False
                         continue
                     if status in FATAL_STATUS:
-                        raise QembedError(f"LLM server at {self.url} answered {last}")
+                        hint = " (check --llm-model, and whether the base URL needs /v1)" if status == 404 else ""
+                        raise QembedError(f"LLM server at {self.url} answered {last}{hint}")
                     if status not in RETRYABLE_STATUS:
                         raise LLMError(last, transient=False)
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
