@@ -92,3 +92,21 @@ def test_bad_input_is_one_clear_error(tmp_path, setup, message):
 def test_missing_folder(tmp_path):
     with pytest.raises(QembedError, match="dataset folder not found"):
         RetrievalDataset.load(tmp_path / "nope")
+
+
+def test_disk_corpus_matches_in_memory(shared_dir, tmp_path):
+    nf = shared_dir / "data" / "nfcorpus"
+    memory = RetrievalDataset.load(nf, in_memory=True)
+    disk = RetrievalDataset.load(nf, in_memory=False)
+    assert disk.doc_ids == memory.doc_ids and disk.qrels == memory.qrels
+    assert list(disk.iter_doc_texts()) == memory.doc_texts()
+    assert disk.doc_text("MED-10") == memory.doc_text("MED-10") and "MED-10" in disk.corpus
+    # Duplicate ids (last record wins) keep the same order and content as the in-memory reader.
+    path = _write(tmp_path / "dup", [_doc("a", text="1"), _doc("b", text="2"), _doc("a", text="3"), _doc("c")],
+                  [_query("q")], "q\ta\t1\n")
+    memory, disk = RetrievalDataset.load(path, in_memory=True), RetrievalDataset.load(path, in_memory=False)
+    assert disk.doc_ids == memory.doc_ids == ["a", "b", "c"]
+    assert list(disk.iter_doc_texts()) == memory.doc_texts() == ["3", "2", "t"]
+    (path / "corpus.jsonl").write_text(_doc("a") + "\n\n[1]\n")
+    with pytest.raises(QembedError, match=r"corpus.jsonl:3: expected a JSON object"):
+        RetrievalDataset.load(path, in_memory=False)

@@ -144,3 +144,18 @@ def test_nfcorpus_minilm_matches_published_and_backends_agree(shared_dir, minilm
     assert milvus_run["metrics"].keys() == faiss_run["metrics"].keys()
     for key, value in faiss_run["metrics"].items():
         assert milvus_run["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_instruction_options_combine():
+    import argparse
+
+    from qembed.cli.eval import parse_instruction_settings
+
+    def settings(**kwargs):
+        return parse_instruction_settings(argparse.Namespace(**{"instruction": None, "no_instruction": False,
+                                                                "instruction_modes": None, **kwargs}))  # fmt: skip
+
+    assert settings() == [MODEL_DEFAULT]
+    assert settings(no_instruction=True) == [None]
+    assert settings(instruction=["Find it"], no_instruction=True) == ["Find it", None]
+    assert settings(instruction_modes="default, none") == [MODEL_DEFAULT, None]

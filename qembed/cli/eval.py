@@ -16,11 +16,12 @@ def add_parser(subparsers) -> None:
                    help="embedding model (folder or hub id); repeat to compare models")
     p.add_argument("--dataset", required=True, metavar="DIR", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
     p.add_argument("--split", default="test", help="qrels split to evaluate")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--instruction", metavar="TEXT", help="query instruction (default: the model's own)")
-    group.add_argument("--no-instruction", action="store_true", help="encode queries without an instruction")
-    group.add_argument("--instruction-modes", metavar="LIST",
-                       help="compare settings side by side, e.g. default,none (default = the model's instruction)")
+    # Each option adds instruction settings, evaluated side by side; none given = the model's default.
+    p.add_argument("--instruction", metavar="TEXT", action="append",
+                   help="query instruction text (repeat to compare several; default: the model's own)")
+    p.add_argument("--no-instruction", action="store_true", help="(also) encode queries without an instruction")
+    p.add_argument("--instruction-modes", metavar="LIST",
+                   help="settings to compare: default (the model's instruction), none; e.g. default,none")
     p.add_argument("--dim", type=int, help="Matryoshka dimension (first N components, re-normalised)")
     p.add_argument("--k", default="1,5,10,30,100", help="comma-separated cut-offs")
     p.add_argument("--index", default="faiss", help="faiss | hnsw[:m=32,ef_search=128] | milvus:PATH.db | milvus:URI")
@@ -36,20 +37,19 @@ def add_parser(subparsers) -> None:
 def parse_instruction_settings(args: argparse.Namespace) -> list:
     from qembed.eval.evaluate import MODEL_DEFAULT
 
-    if args.instruction is not None:
-        return [args.instruction]
+    settings: list = []
+    if args.instruction_modes is not None:
+        modes = [m.strip().lower() for m in args.instruction_modes.split(",") if m.strip()]
+        if not modes:
+            raise QembedError("--instruction-modes is empty: give default, none or default,none")
+        for mode in modes:
+            if mode not in ("default", "none"):
+                raise QembedError(f"--instruction-modes takes default and/or none, got {mode!r} (use --instruction TEXT)")
+            settings.append(MODEL_DEFAULT if mode == "default" else None)
+    settings += args.instruction or []
     if args.no_instruction:
-        return [None]
-    if not args.instruction_modes:
-        return [MODEL_DEFAULT]
-    settings = []
-    for mode in (m.strip().lower() for m in args.instruction_modes.split(",") if m.strip()):
-        if mode not in ("default", "none"):
-            raise QembedError(f"--instruction-modes takes default and/or none, got {mode!r} (use --instruction TEXT)")
-        settings.append(MODEL_DEFAULT if mode == "default" else None)
-    if not settings:
-        raise QembedError("--instruction-modes is empty: give default, none or default,none")
-    return settings
+        settings.append(None)
+    return settings or [MODEL_DEFAULT]
 
 
 def parse_ks(text: str) -> list[int]:

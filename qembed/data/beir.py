@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,17 +16,19 @@ from qembed.errors import QembedError
 log = logging.getLogger(__name__)
 
 Qrels = dict[str, dict[str, int]]
+IN_MEMORY_MAX_BYTES = 1 << 30  # larger corpus files are read from disk on demand (see `DiskCorpus`)
 
 
 @dataclass
 class RetrievalDataset:
     """A document collection, queries and graded relevance judgments for one split.
 
-    `corpus` maps doc id -> {"title", "text"}; `queries` maps query id -> text (only the queries judged
-    in `qrels`); `qrels` maps query id -> {doc id: grade}.
+    `corpus` maps doc id -> {"title", "text"} (a dict, or a `DiskCorpus` for collections too large to hold
+    as text); `queries` maps query id -> text (only the queries judged in `qrels`); `qrels` maps query
+    id -> {doc id: grade}.
     """
 
-    corpus: dict[str, dict[str, str]]
+    corpus: Mapping[str, dict[str, str]]
     queries: dict[str, str]
     qrels: Qrels
     name: str = ""
@@ -32,13 +36,20 @@ class RetrievalDataset:
     skipped: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path, split: str = "test") -> RetrievalDataset:
+    def load(cls, path: str | Path, split: str = "test", *, in_memory: bool | None = None) -> RetrievalDataset:
         """Load a BEIR folder. Judgments naming an unknown document or query are skipped with a warning;
-        missing files, an empty corpus or a split with no usable query raise `QembedError`."""
+        missing files, an empty corpus or a split with no usable query raise `QembedError`.
+
+        `in_memory=False` keeps only document ids and file offsets in memory (`DiskCorpus`); the default
+        does so for corpus files over 1 GiB.
+        """
         path = Path(path)
         if not path.is_dir():
             raise QembedError(f"dataset folder not found: {path}")
-        corpus = read_corpus(path / "corpus.jsonl")
+        corpus_path = path / "corpus.jsonl"
+        if in_memory is None:
+            in_memory = not corpus_path.is_file() or corpus_path.stat().st_size <= IN_MEMORY_MAX_BYTES
+        corpus = read_corpus(corpus_path) if in_memory else DiskCorpus(corpus_path)
         if not corpus:
             raise QembedError(f"{path / 'corpus.jsonl'}: the corpus is empty")
         qrels_path = path / "qrels" / f"{split}.tsv"
@@ -84,7 +95,13 @@ class RetrievalDataset:
 
     def doc_texts(self) -> list[str]:
         """Encoded texts of every document, in `doc_ids` order."""
-        return [self.doc_text(doc_id) for doc_id in self.corpus]
+        return list(self.iter_doc_texts())
+
+    def iter_doc_texts(self) -> Iterator[str]:
+        """Encoded texts in `doc_ids` order, one at a time (a `DiskCorpus` is read sequentially)."""
+        docs = self.corpus.iter_docs() if isinstance(self.corpus, DiskCorpus) else self.corpus.values()
+        for doc in docs:
+            yield f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
 
     def save(self, path: str | Path) -> None:
         """Write this dataset as a BEIR folder (its qrels under `qrels/{split}.tsv`)."""
@@ -95,16 +112,69 @@ def read_corpus(path: Path) -> dict[str, dict[str, str]]:
     corpus: dict[str, dict[str, str]] = {}
     duplicates = 0
     for number, record in enumerate(iter_jsonl(path), start=1):
-        doc_id = _record_id(record, path, number)
-        text = record.get("text")
-        title = record.get("title") or ""
-        if not isinstance(text, str) or not isinstance(title, str):
-            raise QembedError(f"{path}: record {number} ({doc_id}): 'text' and 'title' must be strings")
+        doc_id, doc = _corpus_record(record, path, number)
         duplicates += doc_id in corpus
-        corpus[doc_id] = {"title": title, "text": text}
+        corpus[doc_id] = doc
     if duplicates:
         log.warning("%s: %d duplicate document id(s); the last record of each wins", path, duplicates)
     return corpus
+
+
+class DiskCorpus(Mapping):
+    """A `corpus.jsonl` read on demand: holds only each document's id and byte offset.
+
+    Opening validates every line (a malformed one raises `QembedError` with its line number);
+    `corpus[doc_id]` reads one record; `iter_docs()` streams them in order.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise QembedError(f"file not found: {self.path}")
+        self._offsets: dict[str, int] = {}
+        duplicates = 0
+        with self.path.open("rb") as f:
+            offset = 0
+            for number, raw in enumerate(f, start=1):
+                if raw.strip():
+                    doc_id, _ = _corpus_record(_parse_line(raw, self.path, number), self.path, number)
+                    duplicates += doc_id in self._offsets
+                    self._offsets[doc_id] = offset
+                offset += len(raw)
+        if duplicates:
+            log.warning("%s: %d duplicate document id(s); the last record of each wins", self.path, duplicates)
+        self._file = None
+
+    def __getitem__(self, doc_id: str) -> dict[str, str]:
+        offset = self._offsets[doc_id]
+        if self._file is None:
+            self._file = self.path.open("rb")
+        self._file.seek(offset)
+        return _corpus_record(json.loads(self._file.readline()), self.path, 0)[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._offsets)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._offsets
+
+    def iter_docs(self) -> Iterator[dict[str, str]]:
+        """Documents in `iter(self)` order, read sequentially when the file has no duplicate ids."""
+        with self.path.open("rb") as f:
+            offset = 0
+            expected = iter(self._offsets.items())
+            pending = next(expected, None)
+            for raw in f:
+                if pending is not None and offset == pending[1]:
+                    yield _corpus_record(json.loads(raw), self.path, 0)[1]
+                    pending = next(expected, None)
+                offset += len(raw)
+        while pending is not None:  # ids whose last record comes after a later-listed id (duplicates)
+            yield self[pending[0]]
+            pending = next(expected, None)
 
 
 def read_queries(path: Path) -> dict[str, str]:
@@ -149,6 +219,25 @@ def write_beir(path: str | Path, corpus: dict[str, dict[str, str]], queries: dic
         lines = ["query-id\tcorpus-id\tscore"]
         lines += [f"{qid}\t{did}\t{grade}" for qid, judged in qrels.items() for did, grade in judged.items()]
         (path / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _corpus_record(record: dict, path: Path, number: int) -> tuple[str, dict[str, str]]:
+    doc_id = _record_id(record, path, number)
+    text = record.get("text")
+    title = record.get("title") or ""
+    if not isinstance(text, str) or not isinstance(title, str):
+        raise QembedError(f"{path}: record {number} ({doc_id}): 'text' and 'title' must be strings")
+    return doc_id, {"title": title, "text": text}
+
+
+def _parse_line(raw: bytes, path: Path, number: int) -> dict:
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QembedError(f"{path}:{number}: invalid JSON line ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(record, dict):
+        raise QembedError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def _record_id(record: dict, path: Path, number: int) -> str:

@@ -17,9 +17,9 @@ import numpy as np
 
 from qembed.data.beir import RetrievalDataset
 from qembed.errors import QembedError
-from qembed.eval.cache import CacheStats, iter_encode_with_cache
+from qembed.eval.cache import CacheStats, EmbeddingCache, iter_encode_with_cache, text_key
 from qembed.eval.metrics import METRICS, evaluate_run
-from qembed.index import open_index
+from qembed.index import open_index, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ MODEL_DEFAULT = _ModelDefault()
 """Instruction setting: the model's own default query instruction (none for models without one)."""
 
 DEFAULT_KS = (1, 5, 10, 30, 100)
+TIE_MARGIN = 10  # extra candidates fetched so documents tied at the cut-off are all considered
 
 
 def evaluate(
@@ -67,6 +68,7 @@ def evaluate(
         raise QembedError(f"k values must be positive integers, got {list(k)}")
     if rerank_top < 1:
         raise QembedError(f"rerank_top must be at least 1, got {rerank_top}")
+    parse_spec(index)  # a bad spec fails before any model is loaded
     if not isinstance(dataset, RetrievalDataset):
         dataset = RetrievalDataset.load(dataset, split=split)
     models = models if isinstance(models, (list, tuple)) else [models]
@@ -93,8 +95,8 @@ def evaluate(
         if dim is not None and not (isinstance(dim, int) and 0 < dim <= emb.hidden_size):
             raise QembedError(f"dim must be an integer between 1 and {emb.hidden_size} for {name}, got {dim!r}")
         try:
-            vector_index, corpus_timing = _index_corpus(emb, dataset, doc_ids, dim, index, cache_dir,
-                                                        show_progress, name)  # fmt: skip
+            vector_index, doc_vectors, corpus_timing = _index_corpus(emb, dataset, doc_ids, dim, index, cache_dir,
+                                                                     show_progress, name)  # fmt: skip
         except ValueError as exc:  # e.g. a dim below the model's Matryoshka minimum
             raise QembedError(f"{name}: {exc}") from None
         done: set = set()
@@ -114,12 +116,10 @@ def evaluate(
             timings["queries_encoded"] = stats.encoded
 
             t = time.perf_counter()
-            rows, scores = vector_index.search_rows(query_vectors, depth)
+            rows, _ = vector_index.search_rows(query_vectors, min(len(doc_ids), depth + TIE_MARGIN))
+            run = {qid: _exact_ranking(row, query_vector, doc_vectors, doc_ids, depth)
+                   for qid, row, query_vector in zip(query_ids, rows, query_vectors)}  # fmt: skip
             timings["search_s"] = time.perf_counter() - t
-            run = {
-                qid: [(doc_ids[r], float(s)) for r, s in zip(row, score_row) if r >= 0]
-                for qid, row, score_row in zip(query_ids, rows.tolist(), scores.tolist())
-            }
             if rr is not None:
                 t = time.perf_counter()
                 run = _rerank(rr, dataset, run, rerank_top, show_progress)
@@ -150,14 +150,25 @@ def evaluate(
 
 
 def _index_corpus(emb, dataset, doc_ids, dim, spec, cache_dir, show_progress, name):
-    """Encode the corpus chunk by chunk (via the cache) into a fresh index; returns it and timings."""
+    """Encode the corpus chunk by chunk (via the cache) into a fresh index.
+
+    Returns the index, a `_CachedVectors` view of the document vectors (read back from the cache by
+    row) and timings.
+    """
     t = time.perf_counter()
     stats = CacheStats()
     vector_index = None
     add_s = 0.0
-    texts = (dataset.doc_text(doc_id) for doc_id in doc_ids)
+    keys: list[bytes] = []
+    prompt = _document_prompt(emb)
+
+    def texts():  # streamed: a `DiskCorpus` never holds the collection's text
+        for text in dataset.iter_doc_texts():
+            keys.append(text_key(text))
+            yield text
+
     for start, vectors in iter_encode_with_cache(
-        emb, texts, total=len(doc_ids), prompt=_document_prompt(emb), dim=dim, cache_dir=cache_dir,
+        emb, texts(), total=len(doc_ids), prompt=prompt, dim=dim, cache_dir=cache_dir,
         show_progress=show_progress, desc=f"{_short(name)}: corpus", stats=stats,
     ):  # fmt: skip
         if vector_index is None:
@@ -167,7 +178,33 @@ def _index_corpus(emb, dataset, doc_ids, dim, spec, cache_dir, show_progress, na
         add_s += time.perf_counter() - t_add
     total = time.perf_counter() - t
     log.info("%s: corpus %d from cache, %d encoded", name, stats.hits, stats.encoded)
-    return vector_index, {"encode_corpus_s": total - add_s, "index_add_s": add_s, "corpus_encoded": stats.encoded}
+    cache = EmbeddingCache(cache_dir, fingerprint=emb.fingerprint, instruction=None, dim=dim, normalize=True,
+                           prompt=prompt)  # fmt: skip
+    timings = {"encode_corpus_s": total - add_s, "index_add_s": add_s, "corpus_encoded": stats.encoded}
+    return vector_index, _CachedVectors(cache, keys), timings
+
+
+class _CachedVectors:
+    """Document vectors by row number, read from the embedding cache (nothing held in memory)."""
+
+    def __init__(self, cache: EmbeddingCache, keys: list[bytes]) -> None:
+        self.cache, self.keys = cache, keys
+
+    def rows(self, rows) -> np.ndarray:
+        return self.cache.get([self.keys[r] for r in rows])
+
+
+def _exact_ranking(rows: np.ndarray, query_vector: np.ndarray, doc_vectors: _CachedVectors, doc_ids: list[str],
+                   depth: int) -> list[tuple[str, float]]:  # fmt: skip
+    """The index's candidates re-scored exactly (float64 dot products of the stored float32 vectors) and
+    ranked by score then doc id, so the ranking does not depend on a backend's floating-point summation
+    order: identical documents tie exactly, and FAISS and Milvus give the same metrics."""
+    rows = [int(r) for r in rows if r >= 0]
+    if not rows:
+        return []
+    scores = (doc_vectors.rows(rows).astype(np.float64) * query_vector.astype(np.float64)).sum(axis=1)
+    order = sorted(range(len(rows)), key=lambda i: (-scores[i], doc_ids[rows[i]]))[:depth]
+    return [(doc_ids[rows[i]], float(scores[i])) for i in order]
 
 
 def _query_format(emb, setting) -> tuple[str | None, str]:
