@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -63,13 +63,3 @@ def rows_to_ids(rows: np.ndarray, ids: Sequence[str]) -> list[list[str]]:
     """Map a (nq, k) array of rows to id lists, dropping the -1 padding."""
     return [[ids[r] for r in row if r >= 0] for row in rows.tolist()]
 
-
-def batched(items: Iterable, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
