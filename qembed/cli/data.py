@@ -14,18 +14,18 @@ def add_parser(subparsers) -> None:
     qa = tools.add_parser(
         "qa-to-beir",
         help="question-answer pairs -> BEIR folder (answers = corpus, disjoint train/test queries)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     qa.add_argument("--input", required=True, action="append", metavar="FILE",
                     help="JSON array, JSONL or CSV file of QA rows (repeat for several files)")
     qa.add_argument("--format", choices=FORMATS, default=None, help="input format (default: from the extension)")
-    qa.add_argument("--encoding", default="utf-8", help="input text encoding, e.g. utf-8, gb18030")
+    qa.add_argument("--encoding", default="utf-8", help="input text encoding, e.g. gb18030 (default: utf-8)")
     qa.add_argument("--question-field", required=True, metavar="F", help="field holding the question")
     qa.add_argument("--answer-field", required=True, metavar="F", help="field holding the answer")
-    qa.add_argument("--num-queries", type=int, default=1000, help="cap on the number of test queries")
+    qa.add_argument("--num-queries", type=int, default=1000, help="cap on the number of test queries (default: 1000)")
     qa.add_argument("--test-fraction", type=float, default=0.2,
-                    help="share of distinct questions drawn for test (then capped by --num-queries); the rest is train")
-    qa.add_argument("--seed", type=int, default=0, help="seed of the train/test draw")
+                    help="share of distinct questions drawn for test, then capped by --num-queries (default: 0.2); "
+                         "all other questions are train")
+    qa.add_argument("--seed", type=int, default=0, help="seed of the train/test draw (default: 0)")
     qa.add_argument("--output", required=True, metavar="DIR", help="BEIR folder to write")
     qa.set_defaults(func=run_qa_to_beir)
 

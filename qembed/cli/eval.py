@@ -8,14 +8,11 @@ from qembed.errors import QembedError
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "eval", help="evaluate retrieval on a BEIR folder (metrics.json, report.md, recall_at_k.png)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )  # fmt: skip
+    p = subparsers.add_parser("eval", help="evaluate retrieval on a BEIR folder (metrics.json, report.md, recall_at_k.png)")
     p.add_argument("--model", required=True, action="append", metavar="M",
                    help="embedding model (folder or hub id); repeat to compare models")
     p.add_argument("--dataset", required=True, metavar="DIR", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
-    p.add_argument("--split", default="test", help="qrels split to evaluate")
+    p.add_argument("--split", default="test", help="qrels split to evaluate (default: test)")
     # Each option adds instruction settings, evaluated side by side; none given = the model's default.
     p.add_argument("--instruction", metavar="TEXT", action="append",
                    help="query instruction text (repeat to compare several; default: the model's own)")
@@ -23,10 +20,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--instruction-modes", metavar="LIST",
                    help="settings to compare: default (the model's instruction), none; e.g. default,none")
     p.add_argument("--dim", type=int, help="Matryoshka dimension (first N components, re-normalised)")
-    p.add_argument("--k", default="1,5,10,30,100", help="comma-separated cut-offs")
-    p.add_argument("--index", default="faiss", help="faiss | hnsw[:m=32,ef_search=128] | milvus:PATH.db | milvus:URI")
+    p.add_argument("--k", default="1,5,10,30,100", help="comma-separated cut-offs (default: 1,5,10,30,100)")
+    p.add_argument("--index", default="faiss", help="faiss (exact, default) | hnsw[:m=32,ef_search=128] | milvus:PATH.db | milvus:URI")
     p.add_argument("--reranker", metavar="R", help="reranker model that reorders the top candidates")
-    p.add_argument("--rerank-top", type=int, default=100, help="candidates per query given to the reranker")
+    p.add_argument("--rerank-top", type=int, default=100, help="candidates per query given to the reranker (default: 100)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="embedding cache (default: $QEMBED_CACHE or ~/.cache/qembed/embeddings)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
