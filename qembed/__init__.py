@@ -1,21 +1,29 @@
 """qembed: Qwen3-style text embedding and reranking for retrieval."""
 
+from __future__ import annotations
+
+import importlib
+
 from qembed.errors import ModelNotFoundError, QembedError
-from qembed.models.embedder import Embedder
-from qembed.models.reranker import Reranker
 
 __all__ = ["Embedder", "Reranker", "QembedError", "ModelNotFoundError", "evaluate", "mine_hard_negatives"]
 __version__ = "0.1.0"
 
+# Public names resolved on first use, so `import qembed` (and every CLI start) does not pay for torch,
+# transformers or FAISS before a command needs them.
+_LAZY = {
+    "Embedder": "qembed.models.embedder",
+    "Reranker": "qembed.models.reranker",
+    "evaluate": "qembed.eval.evaluate",
+    "mine_hard_negatives": "qembed.mine",
+}
+
 
 def __getattr__(name: str):
-    # The evaluation and mining entry points pull in FAISS and friends: import them on first use only.
-    if name == "evaluate":
-        from qembed.eval.evaluate import evaluate
-
-        return evaluate
-    if name == "mine_hard_negatives":
-        from qembed.mine import mine_hard_negatives
-
-        return mine_hard_negatives
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'qembed' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
