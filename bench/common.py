@@ -1,0 +1,59 @@
+"""Helpers shared by the benchmark scripts: realistic text mixes, timing, machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+
+def machine_line() -> str:
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")  # fmt: skip
+
+
+def realistic_texts(tokenizer, count: int = 27, shortest: int = 12, longest: int = 473) -> list[str]:
+    """Real texts (NFCorpus queries/abstracts, Chinese agriculture QA) whose token lengths are spread evenly
+    from `shortest` to `longest`: for each target length, the real text closest to it."""
+    pool: list[str] = []
+    with (SHARED / "data/nfcorpus/queries.jsonl").open() as f:
+        pool += [json.loads(line)["text"] for line in f][:400]
+    with (SHARED / "data/nfcorpus/corpus.jsonl").open() as f:
+        pool += [(r["title"] + " " + r["text"]).strip() for r in map(json.loads, f)][:1500]
+    for name in ("rice_dqa_zh.json", "corn_dqa_zh.json"):
+        for row in json.loads((SHARED / "data/agri-zh" / name).read_text(encoding="utf-8"))[:400]:
+            pool += [row["instruction"], row["output"], row["input"].strip("（）")]
+    lengths = [len(ids) for ids in tokenizer(pool, add_special_tokens=True)["input_ids"]]
+    chosen, used = [], set()
+    for step in range(count):
+        target = shortest + (longest - shortest) * step / (count - 1)
+        best = min((i for i in range(len(pool)) if i not in used), key=lambda i: abs(lengths[i] - target))
+        used.add(best)
+        chosen.append(pool[best])
+    return chosen
+
+
+def best_of(fn, repeats: int) -> float:
+    """Fastest wall time of `repeats` calls (seconds)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak_flops(size: int = 4096, repeats: int = 5) -> float:
+    """The machine's fp32 matrix-product throughput (FLOP/s) on large square products."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    return 2 * size**3 / best_of(lambda: torch.mm(a, b), repeats)
