@@ -160,7 +160,7 @@ def _index_corpus(emb, dataset, doc_ids, dim, spec, cache_dir, show_progress, na
     vector_index = None
     add_s = 0.0
     keys: list[bytes] = []
-    prompt = _document_prompt(emb)
+    prompt = emb.document_prompt
 
     def texts():  # streamed: a `DiskCorpus` never holds the collection's text
         for text in dataset.iter_doc_texts():
@@ -217,11 +217,6 @@ def _query_format(emb, setting) -> tuple[str | None, str]:
     if not isinstance(setting, str):
         raise QembedError(f"instruction must be a text, None or MODEL_DEFAULT, got {setting!r}")
     return setting, ""
-
-
-def _document_prompt(emb) -> str:
-    prompts = getattr(getattr(emb, "info", None), "prompts", None) or {}
-    return prompts.get("document", "") or prompts.get("passage", "")
 
 
 def _rerank(rr, dataset: RetrievalDataset, run: dict, top: int, show_progress) -> dict:

@@ -181,10 +181,14 @@ class Embedder:
             return self.encode(queries, instruction=self.default_instruction, prompt=self.query_prompt, **kwargs)
         return self.encode(queries, instruction=instruction, **kwargs)
 
+    @property
+    def document_prompt(self) -> str:
+        """The raw prefix documents get: the model's `document` (or `passage`) prompt, usually empty."""
+        return self.info.prompts.get("document", "") or self.info.prompts.get("passage", "")
+
     def encode_documents(self, documents: Sequence[str], **kwargs) -> np.ndarray:
         """Embed documents: never an instruction (the model's document prompt, if it has one)."""
-        return self.encode(documents, prompt=self.info.prompts.get("document", "") or self.info.prompts.get("passage", ""),
-                           **kwargs)  # fmt: skip
+        return self.encode(documents, prompt=self.document_prompt, **kwargs)
 
     def _check_dim(self, dim: int | None) -> int:
         if dim is None:
