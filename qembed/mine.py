@@ -184,6 +184,8 @@ def mine_hard_negatives(
     config = MiningConfig(num_negatives, range_min, range_max, max_score, min_score, margin, relative_margin,
                           sampling, seed, reranker_max_score)  # fmt: skip
     config.validate()
+    if chunk_size < 1:
+        raise QembedError(f"chunk_size must be positive, got {chunk_size}")
     if (reranker is None) != (reranker_max_score is None):
         raise QembedError("the reranker guard needs both a reranker and reranker_max_score")
     started = time.perf_counter()
@@ -220,16 +222,15 @@ def mine_hard_negatives(
     todo = records[done:]
     missing_positive = 0
 
-    def encode(texts: list[str], **options) -> np.ndarray:
-        quiet = {**encode_options, "show_progress": False}
-        return np.concatenate([v for _, v in iter_encode_with_cache(emb, texts, **quiet, **options)])
+    encode_queries = cached_encoder(emb, cache_dir, dim, **query_options)
+    encode_positives = cached_encoder(emb, cache_dir, dim, instruction=None, prompt=doc_prompt)
 
     def chunks():
         nonlocal missing_positive
         for begin in range(0, len(todo), chunk_size):
             part = todo[begin : begin + chunk_size]
-            q = encode([r.query for r in part], desc="queries", **query_options)
-            p = encode([t for r in part for t in r.pos], desc="positives", prompt=doc_prompt)
+            q = encode_queries([r.query for r in part])
+            p = encode_positives([t for r in part for t in r.pos])
             inputs, offset = [], 0
             for i, rec in enumerate(part):
                 pos_scores = p[offset : offset + len(rec.pos)] @ q[i]
@@ -275,6 +276,25 @@ def mine_hard_negatives(
     summary_path = output.with_name(output.stem + ".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return MiningResult(output, summary, summary_path)
+
+
+def cached_encoder(emb, cache_dir, dim: int | None, *, instruction: str | None, prompt: str):
+    """`texts -> vectors` through one embedding-cache setting, opened once (not once per chunk)."""
+    from qembed.eval.cache import EmbeddingCache, text_key
+
+    cache = EmbeddingCache(cache_dir, fingerprint=emb.fingerprint, instruction=instruction, dim=dim,
+                           normalize=True, prompt=prompt)  # fmt: skip
+
+    def encode(texts: list[str]) -> np.ndarray:
+        keys = [text_key(t) for t in texts]
+        missing = {key: text for key, text in zip(keys, texts) if key not in cache}
+        if missing:
+            vectors = emb.encode(list(missing.values()), instruction=instruction, prompt=prompt, dim=dim,
+                                 show_progress=False)  # fmt: skip
+            cache.add(list(missing), vectors)
+        return cache.get(keys)
+
+    return encode
 
 
 def resume_point(output: Path, records: list[PairRecord], overwrite: bool) -> int:

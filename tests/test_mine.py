@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def nf_slice(tmp_path_factory, shared_dir):
-    """40 train queries with 1-3 positives each, and a 300-document corpus holding their positives."""
+    """40 train queries with 1-3 positives each, and a 200-document corpus holding their positives."""
     src = shared_dir / "data" / "nfcorpus"
     corpus, queries = read_corpus(src / "corpus.jsonl"), read_queries(src / "queries.jsonl")
     qrels = read_qrels(src / "qrels" / "train.tsv")
@@ -32,7 +32,7 @@ def nf_slice(tmp_path_factory, shared_dir):
             break
     keep = {d for judged in chosen.values() for d in judged}
     for doc_id in corpus:
-        if len(keep) >= 300:
+        if len(keep) >= 200:
             break
         keep.add(doc_id)
     path = tmp_path_factory.mktemp("nfslice")
