@@ -199,7 +199,7 @@ def mine_hard_negatives(
         from qembed.models.reranker import Reranker
 
         reranker = Reranker.from_pretrained(reranker)
-    doc_prompt = emb.info.prompts.get("document", "") or emb.info.prompts.get("passage", "")
+    doc_prompt = emb.document_prompt
     if instruction is DEFAULT:
         query_options = {"instruction": emb.default_instruction, "prompt": emb.query_prompt}
     else:
