@@ -134,6 +134,8 @@ def corpus_from_positives(records: list[PairRecord]) -> Corpus:
 # ---------------------------------------------------------------------------------------------- mining
 @dataclass
 class MiningResult:
+    """Where the mined records and the summary went, and the summary itself."""
+
     output: Path
     summary: dict
     summary_path: Path
