@@ -11,14 +11,37 @@ from safetensors.torch import load_file
 
 from qembed.errors import QembedError
 from qembed.merge import merge_models, slerp
-from qembed.testing import build_qwen3_embedding
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run far faster on one thread: OpenMP threads spin-wait badly on a shared 2-core CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _bare_model(path: Path, seed: int, **overrides) -> Path:
+    """A small-vocabulary Qwen3Model folder without tokenizer: enough for tensor-level merge checks."""
+    from transformers import Qwen3Model
+
+    from qembed.testing import qwen3_config
+
+    torch.manual_seed(seed)
+    params = dict(vocab_size=256, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    Qwen3Model(qwen3_config(**{**params, **overrides})).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def second_embedder(tmp_path_factory) -> Path:
-    return build_qwen3_embedding(tmp_path_factory.mktemp("tiny-emb-b"), seed=7)
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("bare")
+    return _bare_model(root / "a", 0), _bare_model(root / "b", 7)
 
 
 def _state(path: Path) -> dict:
@@ -28,21 +51,27 @@ def _state(path: Path) -> dict:
 def test_merge_with_itself_returns_it(tiny_embedder_path, tmp_path):
     from qembed import Embedder
 
-    for method in ("slerp", "linear"):
-        out = merge_models([tiny_embedder_path, tiny_embedder_path], tmp_path / method, method=method)
-        a, b = _state(tiny_embedder_path), _state(out)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        merged = Embedder.from_pretrained(out, device="cpu")
-        base = Embedder.from_pretrained(tiny_embedder_path, device="cpu")
-        assert merged.default_instruction == base.default_instruction
-        np.testing.assert_array_equal(merged.encode_queries(["rice"]), base.encode_queries(["rice"]))
+    out = merge_models([tiny_embedder_path, tiny_embedder_path], tmp_path / "slerp", method="slerp")
+    a, b = _state(tiny_embedder_path), _state(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    merged = Embedder.from_pretrained(out, device="cpu")
+    base = Embedder.from_pretrained(tiny_embedder_path, device="cpu")
+    assert merged.default_instruction == base.default_instruction and merged.pooling == base.pooling
+    np.testing.assert_array_equal(merged.encode_queries(["rice"]), base.encode_queries(["rice"]))
 
 
-def test_slerp_endpoints_and_midpoint(tiny_embedder_path, second_embedder, tmp_path):
-    a, b = _state(tiny_embedder_path), _state(second_embedder)
-    s0 = _state(merge_models([tiny_embedder_path, second_embedder], tmp_path / "t0", method="slerp", t=0.0))
-    s1 = _state(merge_models([tiny_embedder_path, second_embedder], tmp_path / "t1", method="slerp", t=1.0))
-    mid = _state(merge_models([tiny_embedder_path, second_embedder], tmp_path / "mid", method="slerp", t=0.5))
+def test_linear_merge_with_itself_returns_it(pair, tmp_path):
+    out = merge_models([pair[0]] * 3, tmp_path / "linear", method="linear", weights=[0.2, 0.3, 0.5])
+    a, b = _state(pair[0]), _state(out)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=0)
+
+
+def test_slerp_endpoints_and_midpoint(pair, tmp_path):
+    a, b = _state(pair[0]), _state(pair[1])
+    s0 = _state(merge_models(pair, tmp_path / "t0", method="slerp", t=0.0))
+    s1 = _state(merge_models(pair, tmp_path / "t1", method="slerp", t=1.0))
+    mid = _state(merge_models(pair, tmp_path / "mid", method="slerp", t=0.5))
     key = "layers.0.mlp.up_proj.weight"
     assert all(torch.equal(s0[k], a[k]) for k in a) and all(torch.equal(s1[k], b[k]) for k in b)
     # independent random matrices are ~orthogonal: the slerp midpoint keeps the norm that linear averaging
@@ -63,23 +92,21 @@ def test_slerp_function_parallel_fallback_and_angle():
     assert torch.allclose(slerp(a, 3 * a, 0.5), 2 * a)  # parallel: linear
 
 
-def test_linear_weights(tiny_embedder_path, second_embedder, tmp_path):
-    out = merge_models(
-        [tiny_embedder_path, second_embedder], tmp_path / "lin", method="linear", weights=[1, 3]
-    )
-    a, b, m = _state(tiny_embedder_path), _state(second_embedder), _state(out)
+def test_linear_weights(pair, tmp_path):
+    out = merge_models(pair, tmp_path / "lin", method="linear", weights=[1, 3])
+    a, b, m = _state(pair[0]), _state(pair[1]), _state(out)
     for k in a:
         torch.testing.assert_close(m[k], 0.25 * a[k] + 0.75 * b[k], rtol=1e-6, atol=1e-7)
 
 
-def test_mismatches_raise_clear_errors(tiny_embedder_path, tiny_reranker_path, tmp_path):
+def test_mismatches_raise_clear_errors(pair, tiny_embedder_path, tiny_reranker_path, tmp_path):
     with pytest.raises(QembedError, match="architectures differ"):
         merge_models([tiny_embedder_path, tiny_reranker_path], tmp_path / "x", method="linear")
-    wide = build_qwen3_embedding(tmp_path / "wide", seed=0, intermediate_size=96)
+    wide = _bare_model(tmp_path / "wide", 0, intermediate_size=96)
     with pytest.raises(QembedError, match="shape"):
-        merge_models([tiny_embedder_path, wide], tmp_path / "y", method="slerp")
+        merge_models([pair[0], wide], tmp_path / "y", method="slerp")
     with pytest.raises(QembedError, match="exactly two"):
-        merge_models([tiny_embedder_path] * 3, tmp_path / "z", method="slerp")
+        merge_models([pair[0]] * 3, tmp_path / "z", method="slerp")
     proc = subprocess.run([sys.executable, "-m", "qembed", "merge", "--models", str(tiny_embedder_path),
                            str(tiny_reranker_path), "--output", str(tmp_path / "cli")], cwd=ROOT,
                           capture_output=True, text=True)  # fmt: skip

@@ -17,6 +17,17 @@ TOPICS = ["rice", "maize", "wheat", "soybean", "potato", "tomato", "cotton", "ba
 ASPECTS = ["disease", "fertiliser", "irrigation"]
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run far faster on one thread: OpenMP threads spin-wait badly on a shared 2-core CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
@@ -66,7 +77,7 @@ def test_full_finetune_loss_goes_down_and_output_loads(tiny_embedder_path, train
     assert accuracy(trained) > accuracy(base)
 
 
-def test_lora_with_gradcache_merges_or_exports_adapter(tiny_embedder_path, train_file, tmp_path):
+def test_lora_with_gradcache_exports_merged_model(tiny_embedder_path, train_file, tmp_path):
     from qembed import Embedder
 
     merged = tmp_path / "merged"
@@ -76,20 +87,17 @@ def test_lora_with_gradcache_merges_or_exports_adapter(tiny_embedder_path, train
     assert not any("lora" in name for name, _ in model.model.named_parameters())
     base = Embedder.from_pretrained(tiny_embedder_path, device="cpu")
     assert not np.allclose(model.encode(["rice blast"]), base.encode(["rice blast"]), atol=1e-4)
-    adapter = tmp_path / "adapter"
-    train_embedder(
-        _cfg(tiny_embedder_path, train_file, adapter, lora=True, lora_r=4, epochs=1, merge_lora=False)
-    )
-    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
 
 DRIVER = """
 import os, signal, sys
+import torch
+torch.set_num_threads(1)
 from qembed.train.embedder import train_embedder
 from qembed.train.loop import TrainConfig
 cfg = TrainConfig(**__import__("json").loads(sys.argv[1]))
 def on_step(record):
-    if record["step"] == 5:
+    if record["step"] == 3:
         os.kill(os.getpid(), signal.SIGKILL)
 train_embedder(cfg, on_step=on_step)
 """
@@ -97,11 +105,13 @@ train_embedder(cfg, on_step=on_step)
 
 def test_resume_after_kill_reproduces_uninterrupted_loss_curve(tiny_embedder_path, train_file, tmp_path):
     # LoRA dropout makes the run depend on the RNG state, which the checkpoint must restore
-    kw = dict(lora=True, lora_r=4, lora_dropout=0.2, epochs=3, save_steps=2, grad_accum=2, batch_size=4)
+    kw = dict(
+        lora=True, lora_r=4, lora_dropout=0.2, save_steps=2, grad_accum=2, batch_size=4, merge_lora=False
+    )
     straight = tmp_path / "straight"
     train_embedder(_cfg(tiny_embedder_path, train_file, straight, **kw))
     expected = _losses(straight)
-    assert len(expected) == 9  # 6 batches per epoch, 2 per step
+    assert len(expected) == 6  # 2 epochs of 6 batches, 2 batches per step
 
     killed = tmp_path / "killed"
     cfg = _cfg(tiny_embedder_path, train_file, killed, **kw)
@@ -109,13 +119,14 @@ def test_resume_after_kill_reproduces_uninterrupted_loss_curve(tiny_embedder_pat
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cfg.__dict__)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert len(_losses(killed)) == 5 and not (killed / "model.safetensors").exists()
-    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert len(_losses(killed)) == 3 and not (killed / "adapter_config.json").exists()
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-2"]
 
     with pytest.raises(Exception, match="--resume"):
         train_embedder(_cfg(tiny_embedder_path, train_file, killed, **kw))
     train_embedder(_cfg(tiny_embedder_path, train_file, killed, resume=True, **kw))
     resumed = _losses(killed)
-    assert len(resumed) == 9
+    assert len(resumed) == 6
     np.testing.assert_allclose(resumed, expected, rtol=1e-5)
-    assert (killed / "model.safetensors").is_file()
+    # merge_lora=False exports the adapter only
+    assert (killed / "adapter_config.json").is_file() and (killed / "adapter_model.safetensors").is_file()
