@@ -58,10 +58,19 @@ def _losses(out: Path) -> list[float]:
 
 def test_full_finetune_loss_goes_down_and_output_loads(tiny_embedder_path, train_file, tmp_path):
     from qembed import Embedder
+    from qembed.data.beir import write_beir
 
+    beir = tmp_path / "beir"
+    corpus = {f"d{i}": {"text": f"disease guidance for {t} growers"} for i, t in enumerate(TOPICS)}
+    queries = {f"q{i}": f"how to manage {t} disease" for i, t in enumerate(TOPICS)}
+    write_beir(beir, corpus, queries, {"test": {f"q{i}": {f"d{i}": 1} for i in range(len(TOPICS))}})
     out = tmp_path / "out"
-    result = train_embedder(_cfg(tiny_embedder_path, train_file, out, lora=False, epochs=3))
+    cfg = _cfg(tiny_embedder_path, train_file, out, lora=False, epochs=3, eval_dataset=str(beir), eval_steps=6)
+    result = train_embedder(cfg)
     assert result.steps == 12 and len(_losses(out)) == 12
+    evals = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [e["step"] for e in evals] == [6, 12] and 0 <= evals[-1]["eval"]["ndcg@10"] <= 1
+    assert result.best["step"] in (6, 12) and (out / "checkpoints" / "best" / "trainable.safetensors").is_file()
     assert np.mean(result.losses[-3:]) < 0.5 * np.mean(result.losses[:3])
     trained = Embedder.from_pretrained(out, device="cpu")
     base = Embedder.from_pretrained(tiny_embedder_path, device="cpu")

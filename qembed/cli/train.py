@@ -104,6 +104,10 @@ def run(args) -> int:
         from qembed.train.reranker import train_reranker
 
         result = train_reranker(cfg)
+    from qembed.train import distributed
+
+    if distributed.rank() != 0:
+        return 0
     last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
     print(f"trained {result.steps} steps{last}; model saved to {result.output}")
     return 0
