@@ -165,15 +165,57 @@ def phase_memory(args, work: Path) -> None:
               "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()})  # fmt: skip
 
 
+def phase_qwen3(args, work: Path) -> None:
+    """Throughput and peak GPU memory of LoRA training on a random-weight Qwen3-Embedding-0.6B architecture
+    (bf16 autocast), plain and with GradCache; meant for a GPU machine (`--only qwen3`)."""
+    import tempfile
+
+    import torch
+
+    from qembed.testing import QWEN3_EMBEDDING_0_6B, build_qwen3_embedding
+    from qembed.train.embedder import train_embedder
+    from qembed.train.loop import TrainConfig
+
+    if not (work / "agri").is_dir():
+        from qembed.data.qa_to_beir import qa_to_beir
+
+        qa_to_beir([DATA / "rice_dqa_zh.json", DATA / "corn_dqa_zh.json"], work / "agri",
+                   question_field="instruction", answer_field="output")  # fmt: skip
+    from qembed.data.beir import RetrievalDataset
+
+    train = RetrievalDataset.load(work / "agri", split="train")
+    records = [{"query": train.queries[q], "pos": [train.doc_text(d) for d in judged]}
+               for q, judged in list(train.qrels.items())[: args.qwen3_steps * args.batch_size]]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_qwen3_embedding(Path(tmp) / "qwen3-0.6b", **QWEN3_EMBEDDING_0_6B)
+        data = Path(tmp) / "data.jsonl"
+        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        for chunk in (None, 16):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            out = Path(tmp) / f"out-{chunk}"
+            cfg = TrainConfig(model=str(model), data=[str(data)], output=str(out), batch_size=args.batch_size,
+                              lora=True, max_length=args.max_length, save_steps=0, progress=False,
+                              grad_cache_chunk=chunk, precision="bf16")  # fmt: skip
+            train_embedder(cfg)
+            log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()][1:]
+            emit({"phase": "qwen3", "grad_cache_chunk": chunk, "batch_size": args.batch_size,
+                  "samples_per_s": sum(r["samples_per_s"] for r in log) / max(1, len(log)),
+                  "tokens_per_s": sum(r["tokens_per_s"] for r in log) / max(1, len(log)),
+                  "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+                  "peak_rss_mb": peak_rss_mb()})  # fmt: skip
+
+
 PHASES = {"prepare": phase_prepare, "base": phase_eval_base, "st": phase_st, "qembed": phase_qembed,
-          "memory": phase_memory}  # fmt: skip
+          "memory": phase_memory, "qwen3": phase_qwen3}  # fmt: skip
 
 
 def start_phase(name: str, args, extra: list[str] = ()) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--phase", name, "--work", str(args.work), "--epochs", str(args.epochs),
            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--num-negatives", str(args.num_negatives),
            "--seed", str(args.seed), "--memory-max-length", str(args.memory_max_length),
-           "--max-length", str(args.max_length), "--threads", str(args.threads), *extra]  # fmt: skip
+           "--max-length", str(args.max_length), "--threads", str(args.threads),
+           "--qwen3-steps", str(args.qwen3_steps), *extra]  # fmt: skip
     print(f"== {name} {' '.join(extra)}", flush=True)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -207,6 +249,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per phase")
     parser.add_argument("--memory-max-length", type=int, default=32)
     parser.add_argument("--cached", action="store_true", help="(memory phase) use GradCache")
+    parser.add_argument("--qwen3-steps", type=int, default=20, help="(qwen3 phase) training steps")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.phase:
@@ -226,6 +269,8 @@ def main() -> None:
     if "memory" in phases:
         results += collect("memory", start_phase("memory", args))
         results += collect("memory", start_phase("memory", args, ["--cached"]))
+    if "qwen3" in phases:
+        results += collect("qwen3", start_phase("qwen3", args))
     (args.work / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {args.work / 'results.json'}")
 
