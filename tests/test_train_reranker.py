@@ -50,12 +50,25 @@ def _margin(rr) -> float:
 
 def test_qwen3_reranker_lora_sft_learns_yes_no(tiny_reranker_path, pairs_file, tmp_path):
     from qembed import Reranker
+    from qembed.data.beir import write_beir
 
+    beir = tmp_path / "beir"
+    corpus = {f"d{i}": {"text": f"{t} disease control"} for i, t in enumerate(TOPICS)}
+    corpus.update({f"n{i}": {"text": f"{t} recipes"} for i, t in enumerate(TOPICS)})
+    write_beir(beir, corpus, {f"q{i}": f"{t} disease" for i, t in enumerate(TOPICS)},
+               {"test": {f"q{i}": {f"d{i}": 1} for i in range(len(TOPICS))}})  # fmt: skip
     out = tmp_path / "rr"
     cfg = TrainConfig(model=str(tiny_reranker_path), data=[str(pairs_file)], output=str(out), batch_size=3,
-                      epochs=4, lora=True, lora_r=8, lr=5e-3, save_steps=0, progress=False, seed=0)  # fmt: skip
+                      epochs=4, lora=True, lora_r=8, lr=5e-3, save_steps=0, progress=False, seed=0,
+                      eval_dataset=str(beir), eval_steps=8)  # fmt: skip
     result = train_reranker(cfg)
     assert result.steps == 8
+    evals = [
+        json.loads(line)["eval"]
+        for line in (out / "train_log.jsonl").read_text().splitlines()
+        if '"eval"' in line
+    ]
+    assert len(evals) == 1 and 0 < evals[0]["mrr@10"] <= 1
     assert np.mean(result.losses[-2:]) < np.mean(result.losses[:2])
     trained = Reranker.from_pretrained(out, device="cpu")
     base = Reranker.from_pretrained(tiny_reranker_path, device="cpu")

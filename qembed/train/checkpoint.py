@@ -47,7 +47,14 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    directory: Path, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any], *, keep: int | None
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    *,
+    keep: int | None,
+    scaler=None,
 ) -> Path:
     """Write `directory/step-{state['step']}` atomically; keep only the newest `keep` step checkpoints."""
     final = directory / f"step-{state['step']}"
@@ -56,7 +63,12 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_states(),
+            "scaler": scaler.state_dict() if scaler else None,
+        },
         tmp / "training.pt",
     )
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -76,13 +88,15 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler=None) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG from `path`; returns the saved trainer state."""
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
     blob = torch.load(path / "training.pt", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_states(blob["rng"])
+    if scaler is not None and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
     return json.loads((path / STATE_FILE).read_text())
 
 

@@ -22,18 +22,15 @@ class LossConfig:
     qq_dd: bool = True
     fn_margin: float | None = 0.1
     mrl_dims: Sequence[int] | None = None
-    mrl_weights: Sequence[float] | None = None
 
 
 def compute_loss(
     q: torch.Tensor, docs: torch.Tensor, pos_index, owner, same_text, cfg: LossConfig
 ) -> torch.Tensor:
     kwargs = dict(temperature=cfg.temperature, qq_dd=cfg.qq_dd, fn_margin=cfg.fn_margin, same_text=same_text)
-    if cfg.mrl_dims:
-        dims = [d for d in cfg.mrl_dims if d < q.shape[1]] + [q.shape[1]]
-        dims = sorted(set(dims))
-        weights = cfg.mrl_weights if cfg.mrl_weights and len(cfg.mrl_weights) == len(dims) else None
-        return matryoshka_info_nce(q, docs, pos_index, owner, dims=dims, weights=weights, **kwargs)
+    if cfg.mrl_dims:  # equal weights over the requested dims below the full size, plus the full size
+        dims = sorted({d for d in cfg.mrl_dims if d < q.shape[1]} | {q.shape[1]})
+        return matryoshka_info_nce(q, docs, pos_index, owner, dims=dims, **kwargs)
     return info_nce(q, docs, pos_index, owner, **kwargs)
 
 

@@ -99,7 +99,9 @@ def evaluate_embedder(emb, dataset, ks=(1, 5, 10, 100)) -> dict[str, float]:
     emb.model.eval()
     try:
         doc_ids = dataset.doc_ids
-        docs = torch.from_numpy(emb.encode_documents([dataset.doc_text(d) for d in doc_ids], show_progress=False))
+        docs = torch.from_numpy(
+            emb.encode_documents([dataset.doc_text(d) for d in doc_ids], show_progress=False)
+        )
         qids = list(dataset.queries)
         queries = torch.from_numpy(
             emb.encode_queries([dataset.queries[q] for q in qids], show_progress=False)

@@ -95,13 +95,23 @@ class TrainResult:
     best: dict[str, Any] | None = None
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast on CUDA (auto: bf16 where supported, else fp16); fp32 elsewhere."""
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """ "fp32" off CUDA; on CUDA "auto" means bf16 where supported, else fp16."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise QembedError(f"unknown precision {precision!r}: choose auto, fp32, bf16 or fp16")
     if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
+        return "fp32"
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on CUDA (see `resolve_precision`); nothing elsewhere."""
+    resolved = resolve_precision(device, precision)
+    if resolved == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if resolved == "bf16" else torch.float16)
 
 
 def make_scheduler(optimizer, name: str, warmup: int, total: int):
@@ -151,11 +161,14 @@ def run_training(
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     scheduler = make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total), total)
+    device = params[0].device
+    # fp16 needs loss scaling: the loss is multiplied by the scaler's factor, gradients unscaled before clipping
+    scaler = torch.amp.GradScaler("cuda") if resolve_precision(device, cfg.precision) == "fp16" else None
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None}
     log_path = output / LOG_FILE
     if cfg.resume and existing:
-        state = checkpoint.load_checkpoint(existing[-1], task.model, optimizer, scheduler)
+        state = checkpoint.load_checkpoint(existing[-1], task.model, optimizer, scheduler, scaler)
         log.warning("resuming from %s (step %d)", existing[-1], state["step"])
         if is_main:
             _truncate_log(log_path, state["step"])
@@ -181,14 +194,21 @@ def run_training(
                 group = range(group_start, min(group_start + cfg.grad_accum, len(batches)))
                 began = time.perf_counter()
                 losses, samples, tokens = [], 0, 0
+                loss_scale = float(scaler.scale(torch.ones((), device=device))) if scaler else 1.0
                 for index in group:
-                    loss, n, t = task.step(epoch, index, batches[index], 1.0 / len(group))
+                    loss, n, t = task.step(epoch, index, batches[index], loss_scale / len(group))
                     losses.append(loss)
                     samples, tokens = samples + n, tokens + t
                 distributed.average_gradients(params)
+                if scaler:
+                    scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
                 lr = scheduler.get_last_lr()[0]
-                optimizer.step()
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 elapsed = time.perf_counter() - began
@@ -214,7 +234,13 @@ def run_training(
                 if cfg.save_steps and state["step"] % cfg.save_steps == 0 and not stop:
                     if is_main:
                         checkpoint.save_checkpoint(
-                            ckpt_dir, task.model, optimizer, scheduler, state, keep=cfg.save_total_limit
+                            ckpt_dir,
+                            task.model,
+                            optimizer,
+                            scheduler,
+                            state,
+                            keep=cfg.save_total_limit,
+                            scaler=scaler,
                         )
                     _barrier()
                 if on_step:
