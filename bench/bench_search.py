@@ -87,23 +87,26 @@ def phase_exact(args) -> dict:
 def phase_hnsw(args) -> dict:
     from qembed.index import open_index
 
-    index = open_index(
-        f"hnsw:m={args.m},ef_construction={args.ef_construction},ef_search={args.ef_search}", args.dim
-    )
+    ef_values = [int(v) for v in str(args.ef_search).split(",")]
+    spec = f"hnsw:m={args.m},ef_construction={args.ef_construction},ef_search={ef_values[0]}"
+    index = open_index(spec, args.dim)
     build_s = build(index, args)
     n = min(args.hnsw_sample, args.queries) if args.hnsw_sample > 0 else args.queries
     q = queries(args, n)
-    t0 = time.perf_counter()
-    rows, _ = index.search_rows(q, args.k, batch_size=args.batch, show_progress=True)
-    search_s = time.perf_counter() - t0
-    peak = peak_rss_gib()
     n_check = min(n, args.recall_queries)
     truth = exact_topk(q[:n_check], args, args.k)
-    recall = float(np.mean([len(set(rows[i]) & set(truth[i])) / args.k for i in range(n_check)]))
+    runs = []
+    for ef in ef_values:  # one graph, several search-time settings
+        index.ef_search = ef
+        t0 = time.perf_counter()
+        rows, _ = index.search_rows(q, args.k, batch_size=args.batch, show_progress=True)
+        search_s = time.perf_counter() - t0
+        recall = float(np.mean([len(set(rows[i]) & set(truth[i])) / args.k for i in range(n_check)]))
+        runs.append({"ef_search": ef, "search_s": search_s, "qps": n / search_s, f"recall@{args.k}": recall})
     return {
         "phase": "hnsw", "docs": args.docs, "dim": args.dim, "m": args.m, "ef_construction": args.ef_construction,
-        "ef_search": args.ef_search, "queries_timed": n, "build_s": build_s, "search_s": search_s,
-        "qps": n / search_s, f"recall@{args.k}": recall, "recall_queries": n_check, "peak_rss_gib": peak,
+        "queries_timed": n, "build_s": build_s, "runs": runs, "recall_queries": n_check,
+        "peak_rss_gib": peak_rss_gib(),
     }  # fmt: skip
 
 
@@ -127,7 +130,7 @@ def main() -> None:
     p.add_argument("--recall-queries", type=int, default=1000, help="HNSW queries checked against exact")
     p.add_argument("--m", type=int, default=32)
     p.add_argument("--ef-construction", type=int, default=100)
-    p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--ef-search", default="128", help="efSearch, or a comma list to compare on one graph")
     p.add_argument("--phase", choices=["all", "exact", "hnsw"], default="all")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -154,10 +157,11 @@ def main() -> None:
     print(f"exact  {exact['docs']:,} x {exact['dim']}-d: build {exact['build_s']:.0f} s, {exact['qps']:,.0f} queries/s"
           f"{tag}, {exact['queries_total']:,} queries ~ {exact['est_total_search_s'] / 60:.1f} min, "
           f"peak RSS {exact['peak_rss_gib']:.2f} GiB (vectors {exact['corpus_gib']:.2f} GiB)")  # fmt: skip
-    print(f"hnsw   {hnsw['docs']:,} x {hnsw['dim']}-d, M={hnsw['m']} efC={hnsw['ef_construction']} "
-          f"efS={hnsw['ef_search']}: build {hnsw['build_s']:.0f} s, {hnsw['qps']:,.0f} queries/s "
-          f"({hnsw['queries_timed']:,} timed), recall@{args.k} {hnsw[f'recall@{args.k}']:.3f} "
-          f"({hnsw['recall_queries']:,} queries vs exact), peak RSS {hnsw['peak_rss_gib']:.2f} GiB")  # fmt: skip
+    for run in hnsw["runs"]:
+        print(f"hnsw   {hnsw['docs']:,} x {hnsw['dim']}-d, M={hnsw['m']} efC={hnsw['ef_construction']} "
+              f"efS={run['ef_search']}: build {hnsw['build_s']:.0f} s, {run['qps']:,.0f} queries/s "
+              f"({hnsw['queries_timed']:,} timed), recall@{args.k} {run[f'recall@{args.k}']:.3f} "
+              f"({hnsw['recall_queries']:,} queries vs exact), peak RSS {hnsw['peak_rss_gib']:.2f} GiB")  # fmt: skip
 
 
 if __name__ == "__main__":
