@@ -170,7 +170,7 @@ def _check_configs(dirs: list[Path]) -> None:
         for key in keys:
             if first.get(key) != other.get(key):
                 raise QembedError(
-                    f"cannot merge {dirs[0]} and {d}: {key} differs ({first.get(key)!r} vs {other.get(key)!r})"
+                    f"cannot merge {dirs[0]} and {d}: different {key} ({first.get(key)!r} vs {other.get(key)!r})"
                 )
 
 

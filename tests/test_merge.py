@@ -100,7 +100,7 @@ def test_linear_weights(pair, tmp_path):
 
 
 def test_mismatches_raise_clear_errors(pair, tiny_embedder_path, tiny_reranker_path, tmp_path):
-    with pytest.raises(QembedError, match="architectures differ"):
+    with pytest.raises(QembedError, match="different architectures"):
         merge_models([tiny_embedder_path, tiny_reranker_path], tmp_path / "x", method="linear")
     wide = _bare_model(tmp_path / "wide", 0, intermediate_size=96)
     with pytest.raises(QembedError, match="shape"):
