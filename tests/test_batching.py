@@ -43,8 +43,10 @@ def test_padding_stays_small_once_a_batch_is_big_enough():
     # the benchmark's shape: 27 texts spread evenly from 12 to 473 tokens all fit one 16k budget,
     # but one batch would pad them to twice their real size
     lengths = [round(12 + (473 - 12) * k / 26) for k in range(27)]
-    batches = token_budget_batches(lengths, 16384, min_batch_tokens=1024, max_padding=0.2)
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    assert padded <= 1.2 * sum(lengths)
-    for batch in batches[:-1]:  # every closed batch either filled up or its next text was much shorter
-        assert sum(lengths[i] for i in batch) >= 1024
+    for min_tokens, max_padding in ((1024, 0.2), (256, 0.05)):
+        batches = token_budget_batches(lengths, 16384, min_batch_tokens=min_tokens, max_padding=max_padding)
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        # beyond max_padding, waste only comes from short texts filling a batch up to min_tokens
+        assert padded <= (1 + max_padding) * sum(lengths) + min_tokens
+        for batch in batches[:-1]:  # every closed batch either filled up or its next text was much shorter
+            assert sum(lengths[i] for i in batch) >= min_tokens

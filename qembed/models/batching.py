@@ -12,8 +12,8 @@ def token_budget_batches(
     batch_tokens: int,
     *,
     max_batch_size: int = 512,
-    min_batch_tokens: int = 1024,
-    max_padding: float = 0.2,
+    min_batch_tokens: int = 256,
+    max_padding: float = 0.05,
 ) -> list[list[int]]:
     """Indices grouped into batches, longest texts first.
 
