@@ -43,3 +43,14 @@ def minilm_path() -> Path:
     from qembed.testing import minilm_dir
 
     return minilm_dir()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run far faster on one thread: OpenMP threads spin-wait badly on a shared 2-core CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,15 +15,7 @@ from qembed.merge import merge_models, slerp
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run far faster on one thread: OpenMP threads spin-wait badly on a shared 2-core CPU."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _bare_model(path: Path, seed: int, **overrides) -> Path:

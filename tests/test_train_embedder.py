@@ -17,15 +17,7 @@ TOPICS = ["rice", "maize", "wheat", "soybean", "potato", "tomato", "cotton", "ba
 ASPECTS = ["disease", "fertiliser", "irrigation"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run far faster on one thread: OpenMP threads spin-wait badly on a shared 2-core CPU."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,7 @@ import torch
 from qembed.train.contrastive import LossConfig, contrastive_backward
 from qembed.train.gradcache import encode_and_backward
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run far faster on one thread: OpenMP threads spin-wait badly on a shared 2-core CPU."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _net(seed=0, dropout=0.1):

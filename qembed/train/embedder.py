@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qembed.errors import QembedError
 from qembed.train import distributed
 from qembed.train.contrastive import LossConfig, contrastive_backward
-from qembed.train.data import batch_rng, contrastive_batch, epoch_batches, read_training_data
-from qembed.train.loop import Task, TrainConfig, TrainResult, autocast, run_training
+from qembed.train.data import batch_rng, contrastive_batch, epoch_batches
+from qembed.train.loop import (
+    Task,
+    TrainConfig,
+    TrainResult,
+    autocast,
+    run_training,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +29,6 @@ LORA_TARGETS = {
     "bert": ["query", "key", "value", "dense"],
 }
 LORA_AUTO_ABOVE = 300_000_000  # parameters
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def default_temperature(pooling: str) -> float:
@@ -123,13 +122,7 @@ def train_embedder(cfg: TrainConfig, *, on_step=None) -> TrainResult:
     ranks; see `qembed.train.distributed`)."""
     from qembed import Embedder
 
-    distributed.init_from_env()
-    world, rank = distributed.world_size(), distributed.rank()
-    seed_everything(cfg.seed)
-    records = read_training_data(cfg.data)
-    device = torch.device(cfg.device) if cfg.device else None
-    if device is None and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
+    world, rank, records, device = start_run(cfg)
     emb = Embedder.from_pretrained(cfg.model, device=device, dtype=torch.float32, max_length=cfg.max_length)
     peft_model = prepare_model(emb.model, cfg)
     loss_cfg = LossConfig(

@@ -8,12 +8,14 @@ import contextlib
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -93,6 +95,26 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     best: dict[str, Any] | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start_run(cfg) -> tuple[int, int, list, torch.device | None]:
+    """Common start of a training recipe: join the process group (under torchrun), seed, read the data and
+    pick the device. Returns (world size, rank, records, device or None for the loader's default)."""
+    from qembed.train.data import read_training_data
+
+    distributed.init_from_env()
+    seed_everything(cfg.seed)
+    records = read_training_data(cfg.data)
+    device = torch.device(cfg.device) if cfg.device else None
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return distributed.world_size(), distributed.rank(), records, device
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from qembed.train import distributed
-from qembed.train.data import batch_rng, epoch_batches, pair_batch, read_training_data
-from qembed.train.embedder import export_model, prepare_model, seed_everything
-from qembed.train.loop import Task, TrainConfig, TrainResult, autocast, run_training
+from qembed.train.data import batch_rng, epoch_batches, pair_batch
+from qembed.train.embedder import export_model, prepare_model
+from qembed.train.loop import Task, TrainConfig, TrainResult, autocast, run_training, start_run
 
 
 def evaluate_reranker(
@@ -56,13 +56,7 @@ def train_reranker(cfg: TrainConfig, *, on_step=None) -> TrainResult:
     negative pairs; `cfg.grad_cache_chunk` caps the pairs per forward pass."""
     from qembed import Reranker
 
-    distributed.init_from_env()
-    world, rank = distributed.world_size(), distributed.rank()
-    seed_everything(cfg.seed)
-    records = read_training_data(cfg.data)
-    device = torch.device(cfg.device) if cfg.device else None
-    if device is None and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
+    world, rank, records, device = start_run(cfg)
     rr = Reranker.from_pretrained(cfg.model, device=device, dtype=torch.float32, max_length=cfg.max_length)
     peft_model = prepare_model(rr.model, cfg)
 
