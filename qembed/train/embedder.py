@@ -131,7 +131,7 @@ def train_embedder(cfg: TrainConfig, *, on_step=None) -> TrainResult:
     )  # fmt: skip
     if cfg.mrl_dims and max(cfg.mrl_dims) > emb.hidden_size:
         raise QembedError(f"--mrl-dims {cfg.mrl_dims} exceed the hidden size {emb.hidden_size}")
-    doc_prompt = emb.info.prompts.get("document", "") or emb.info.prompts.get("passage", "")
+    doc_prompt = emb.document_prompt
 
     def prepare_queries(queries: list[str], instructions: list[str | None]) -> list[list[int]]:
         ids: list[list[int] | None] = [None] * len(queries)
