@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qembed.data.jsonl import iter_jsonl, write_jsonl
+from qembed.data.jsonl import iter_jsonl, parse_jsonl_line, write_jsonl
 from qembed.errors import QembedError
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class DiskCorpus(Mapping):
             offset = 0
             for number, raw in enumerate(f, start=1):
                 if raw.strip():
-                    doc_id, _ = _corpus_record(_parse_line(raw, self.path, number), self.path, number)
+                    doc_id, _ = _corpus_record(parse_jsonl_line(raw, self.path, number), self.path, number)
                     duplicates += doc_id in self._offsets
                     self._offsets[doc_id] = offset
                 offset += len(raw)
@@ -228,16 +228,6 @@ def _corpus_record(record: dict, path: Path, number: int) -> tuple[str, dict[str
     if not isinstance(text, str) or not isinstance(title, str):
         raise QembedError(f"{path}: record {number} ({doc_id}): 'text' and 'title' must be strings")
     return doc_id, {"title": title, "text": text}
-
-
-def _parse_line(raw: bytes, path: Path, number: int) -> dict:
-    try:
-        record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise QembedError(f"{path}:{number}: invalid JSON line ({exc.__class__.__name__}: {exc})") from None
-    if not isinstance(record, dict):
-        raise QembedError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-    return record
 
 
 def _record_id(record: dict, path: Path, number: int) -> str:

@@ -28,16 +28,23 @@ def iter_jsonl(path: str | Path, *, allow_truncated_tail: bool = False) -> Itera
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            is_tail = number == len(lines) and not ends_with_newline
-            if allow_truncated_tail and is_tail:
-                return
-            raise QembedError(f"{path}:{number}: invalid JSON line ({exc.__class__.__name__}: {exc})") from None
-        if not isinstance(record, dict):
-            raise QembedError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield record
+        if allow_truncated_tail and number == len(lines) and not ends_with_newline:
+            try:
+                json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return  # a partial last line left by a killed writer
+        yield parse_jsonl_line(raw, path, number)
+
+
+def parse_jsonl_line(raw: bytes | str, path: str | Path, number: int) -> dict[str, Any]:
+    """One JSONL line as a dict; anything else raises `QembedError` naming the file and line number."""
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QembedError(f"{path}:{number}: invalid JSON line ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(record, dict):
+        raise QembedError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def read_jsonl(path: str | Path, **kwargs: Any) -> list[dict[str, Any]]:
