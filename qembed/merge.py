@@ -9,19 +9,33 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from qembed.errors import QembedError
+from qembed.models.layout import (
+    RECORD_FILE,
+    ModelRecord,
+    dtype_name,
+    keep_base_layout,
+    read_record,
+    read_weights,
+    sentence_transformers_pooling,
+    weight_files,
+    write_record,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 SKIP_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "adapter_config.json",
-              "train_log.jsonl", "train_config.json", "checkpoints"}  # fmt: skip
+              "train_log.jsonl", "train_config.json", "checkpoints", RECORD_FILE}  # fmt: skip
 PARALLEL_DOT = 0.9995  # slerp falls back to linear interpolation above this cosine
 
 
@@ -46,49 +60,74 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.T
     return merged.to(tensors[0].dtype)
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / n for n in names]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (model_dir / name).is_file():
-            return [model_dir / name]
-    raise QembedError(f"{model_dir}: no model weights (model.safetensors or pytorch_model.bin) found")
-
-
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise QembedError(f"{model_dir}: no config.json (not a model folder)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise QembedError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _adapter_backbone(adapter_dir: Path, base_dir: Path):
+    """The transformers class the adapter was trained on: the one its `qembed.json` records, else the one
+    whose module names hold every adapted module (checked on an empty model, never read from `architectures`)."""
+    import transformers
+    from transformers import AutoConfig
+
+    from qembed.models.loading import model_class
+
+    record = read_record(adapter_dir)
+    if record is not None:
+        return model_class(record.backbone)
+    modules = {re.sub(r"\.lora_\w+\.(default\.)?weight$", "", k).removeprefix("base_model.model.")
+               for k in weight_names_adapter(adapter_dir)}  # fmt: skip
+    config = AutoConfig.from_pretrained(base_dir)
+    for auto in (transformers.AutoModel, transformers.AutoModelForCausalLM,
+                 transformers.AutoModelForSequenceClassification):  # fmt: skip
+        try:
+            with torch.device("meta"):
+                skeleton = auto.from_config(config)
+        except ValueError:
+            continue
+        if modules <= {name for name, _ in skeleton.named_modules()}:
+            return type(skeleton)
+    raise QembedError(f"{adapter_dir}: its adapted modules (e.g. {sorted(modules)[:1]}) belong to no model class "
+                      f"of {base_dir}; was it trained on another base model?")  # fmt: skip
+
+
+def weight_names_adapter(adapter_dir: Path) -> list[str]:
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise QembedError(f"{adapter_dir}: no adapter_model.safetensors")
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
 
 
 def materialize_adapter(adapter_dir: Path, work: Path) -> tuple[Path, Path]:
-    """Merge a LoRA adapter into its base model; returns (merged model folder, base folder)."""
-    import transformers
-    from peft import PeftModel
+    """Merge a LoRA adapter into its base model, loaded as the class the adapter was trained on; every adapter
+    weight must load. Returns (merged model folder with the base's tensor names, base folder)."""
+    from peft import PeftConfig, PeftModel
 
-    from qembed.models.loading import resolve_model_dir
+    from qembed.models.loading import load_weights, resolve_model_dir
 
     base_name = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_name:
         raise QembedError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path")
     base_dir = resolve_model_dir(base_name)
-    archs = _config(base_dir).get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        raise QembedError(f"{base_dir}: unknown architecture {archs}")
-    model = cls.from_pretrained(base_dir, dtype="auto")
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    cls = _adapter_backbone(adapter_dir, base_dir)
+    model = load_weights(cls, base_dir, expected=f"the base model of {adapter_dir}", dtype="auto")
+    peft_model = PeftModel(model, PeftConfig.from_pretrained(str(adapter_dir)))
+    result = peft_model.load_adapter(str(adapter_dir), adapter_name="default")
+    unloaded = sorted(result.missing_keys) + sorted(k for k in result.unexpected_keys if "lora_" in k)
+    if unloaded:
+        raise QembedError(f"{adapter_dir}: {len(unloaded)} adapter weight(s) not loaded into {cls.__name__} of "
+                          f"{base_dir} (e.g. {unloaded[0]}); the adapter does not fit this base model")  # fmt: skip
+    merged = peft_model.merge_and_unload()
     out = work / adapter_dir.name
     merged.save_pretrained(out)
+    keep_base_layout(out, base_dir, merged)
     return out, base_dir
 
 
@@ -104,7 +143,9 @@ def merge_models(
 
     `method="slerp"`: exactly two models, `t` in [0, 1] (0 gives the first, 1 the second), per tensor.
     `method="linear"`: weighted average, `weights` default to equal. Non-float tensors are copied from the
-    first model (they must agree). Raises `QembedError` on mismatched architectures, names or shapes.
+    first model. Models must share their parameters' names and shapes (derived tensors such as non-persistent
+    buffers and tied copies may differ); `config.json`'s `architectures` is not compared. The output records
+    what it is in `qembed.json`. Raises `QembedError` on mismatched names or shapes.
     """
     if method not in ("slerp", "linear"):
         raise QembedError(f"unknown merge method {method!r}: choose slerp or linear")
@@ -127,7 +168,7 @@ def merge_models(
 
     output = Path(output)
     with tempfile.TemporaryDirectory() as tmp:
-        dirs, files_from = [], None
+        dirs, files_from, record = [], None, None
         for model in models:
             path = Path(model)
             if not path.is_dir():
@@ -137,20 +178,16 @@ def merge_models(
                 dirs.append(merged)
                 files_from = files_from or base
             else:
+                _config(path)
                 dirs.append(path)
                 files_from = files_from or path
-        _check_configs(dirs)
-        states = [{} for _ in dirs]
-        layout: dict[str, list[str]] = {}
-        for i, d in enumerate(dirs):
-            for f in _weight_files(d):
-                part = _load(f)
-                states[i].update(part)
-                if i == 0:
-                    layout[f.with_suffix(".safetensors").name] = list(part)
-        _check_states(states, [str(m) for m in models])
+            record = record or read_record(path)
+        states, layout = _read_states(dirs)
+        derived = _derived_tensors(states, [str(m) for m in models])
         merged_state = {}
         for key, first in states[0].items():
+            if key in derived:
+                continue
             tensors = [s[key] for s in states]
             if not first.is_floating_point():
                 merged_state[key] = first
@@ -158,38 +195,73 @@ def merge_models(
                 merged_state[key] = slerp(tensors[0], tensors[1], t).contiguous()
             else:
                 merged_state[key] = linear(tensors, weights).contiguous()
-        _write(output, files_from, dirs[0], merged_state, layout)
+        for key, source in derived.items():  # the first model's layout: its buffers, its tied copies
+            if key in states[0]:
+                merged_state[key] = states[0][key] if source is None else merged_state[source].clone()
+        _write(output, files_from, merged_state, layout)
+        write_record(output, _merged_record(record, files_from, merged_state))
     return output
 
 
-def _check_configs(dirs: list[Path]) -> None:
-    first = _config(dirs[0])
-    keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "vocab_size")
-    for d in dirs[1:]:
-        other = _config(d)
-        for key in keys:
-            if first.get(key) != other.get(key):
-                raise QembedError(
-                    f"cannot merge {dirs[0]} and {d}: different {key} ({first.get(key)!r} vs {other.get(key)!r})"
-                )
+def _read_states(dirs: list[Path]) -> tuple[list[dict[str, torch.Tensor]], dict[str, list[str]]]:
+    """All tensors of each folder, and the first folder's file layout (file name -> tensor names)."""
+    states: list[dict[str, torch.Tensor]] = [{} for _ in dirs]
+    layout: dict[str, list[str]] = {}
+    for i, d in enumerate(dirs):
+        for f in weight_files(d):
+            part = read_weights(f)
+            states[i].update(part)
+            if i == 0:
+                layout[f.with_suffix(".safetensors").name] = list(part)
+    return states, layout
 
 
-def _check_states(states: list[dict], names: list[str]) -> None:
+def _derived_tensors(states: list[dict], names: list[str]) -> dict[str, str | None]:
+    """Check that the models share their parameters' names and shapes. Tensors only some models store must be
+    derived ones, not parameters: integer buffers (BERT's `position_ids`) or tied copies of a shared parameter
+    (an `lm_head` equal to the embeddings). Returns them, each mapped to the parameter it copies (None: buffer)."""
+    common = set.intersection(*(set(s) for s in states))
+    derived: dict[str, str | None] = {}
+    for i, state in enumerate(states):
+        for key in sorted(set(state) - common):
+            tensor = state[key]
+            if not tensor.is_floating_point():
+                derived[key] = None
+                continue
+            source = next((k for k in sorted(common) if state[k].shape == tensor.shape
+                           and torch.equal(state[k], tensor)), None)  # fmt: skip
+            if source is None:
+                only = sorted(set(state) - common)[:2]
+                raise QembedError(f"cannot merge {names[0]} and {names[max(i, 1)]}: parameter names differ "
+                                  f"(e.g. {only} only in {names[i]})")  # fmt: skip
+            derived[key] = source
     first = states[0]
     for state, name in zip(states[1:], names[1:]):
-        if state.keys() != first.keys():
-            extra = sorted(set(state) ^ set(first))[:3]
-            raise QembedError(f"cannot merge {names[0]} and {name}: parameter names differ (e.g. {extra})")
-        for key, value in first.items():
-            if state[key].shape != value.shape:
-                raise QembedError(
-                    f"cannot merge {names[0]} and {name}: {key} has shape {tuple(value.shape)} vs {tuple(state[key].shape)}"
-                )
+        for key in sorted(common):
+            if state[key].shape != first[key].shape:
+                raise QembedError(f"cannot merge {names[0]} and {name}: {key} has shape {tuple(first[key].shape)} "
+                                  f"vs {tuple(state[key].shape)}")  # fmt: skip
+    return derived
 
 
-def _write(
-    output: Path, files_from: Path, weights_from: Path, state: dict, layout: dict[str, list[str]]
-) -> None:
+def _merged_record(record: ModelRecord | None, files_from: Path, state: dict) -> ModelRecord:
+    """The inputs' `qembed.json` (with the merged dtype), or a description of a published first model."""
+    dtype = next((dtype_name(v.dtype) for v in state.values() if v.is_floating_point()), None)
+    if record is not None:
+        return replace(record, dtype=dtype, base_model=str(files_from))
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    config = _config(files_from)
+    archs = config.get("architectures") or []
+    pooling = sentence_transformers_pooling(files_from)
+    if pooling is None and any(a.endswith(("ForCausalLM", "ForSequenceClassification")) for a in archs):
+        kind = "cross-encoder" if archs[0].endswith("ForSequenceClassification") else "qwen3"
+        return ModelRecord(kind="reranker", backbone=archs[0], reranker=kind, dtype=dtype, base_model=str(files_from))
+    backbone = MODEL_MAPPING_NAMES.get(config.get("model_type", ""), archs[0] if archs else "AutoModel")
+    return ModelRecord(kind="embedder", backbone=backbone, pooling=pooling, dtype=dtype, base_model=str(files_from))
+
+
+def _write(output: Path, files_from: Path, state: dict, layout: dict[str, list[str]]) -> None:
     output.mkdir(parents=True, exist_ok=True)
     for item in files_from.iterdir():
         if item.name in SKIP_NAMES or item.name.startswith("adapter_") or item.suffix in WEIGHT_SUFFIXES:
@@ -199,8 +271,6 @@ def _write(
             shutil.copytree(item, target, dirs_exist_ok=True)
         else:
             shutil.copy2(item, target)
-    if files_from != weights_from:  # an adapter's base: take config.json from the merged model
-        shutil.copy2(weights_from / "config.json", output / "config.json")
     if len(layout) == 1:
         save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
         return

@@ -114,17 +114,40 @@ QWEN3_EMBEDDING_0_6B = dict(
 )  # fmt: skip
 
 
+# The part of the published model card that states Matryoshka (MRL) support.
+QWEN3_EMBEDDING_CARD = """---
+license: apache-2.0
+tags:
+- transformers
+- sentence-transformers
+- sentence-similarity
+- feature-extraction
+---
+# Qwen3-Embedding (tiny random test model)
+
+| Model Type | Models | Size | Layers | Sequence Length | Embedding Dimension | MRL Support | Instruction Aware |
+|---|---|---|---|---|---|---|---|
+| Text Embedding | Qwen3-Embedding-0.6B | 0.6B | 28 | 32K | 1024 | Yes | Yes |
+"""
+
+
 def build_qwen3_embedding(path: str | Path, *, seed: int = 0, bpe_dir: str | Path | None = None, **config) -> Path:
-    """Save a random-weight Qwen3-Embedding-style model (base `Qwen3Model`, sentence-transformers files
-    with last-token pooling and the published query prompt) plus its tokenizer to `path`."""
+    """Save a random-weight model in the published Qwen3-Embedding layout: `config.json` naming
+    `Qwen3ForCausalLM` over `Qwen3Model` weights (no `lm_head`), sentence-transformers files with last-token
+    pooling and the published query prompt, the model card's MRL line, and the tokenizer."""
     import torch
     from transformers import Qwen3Model
 
     path = Path(path)
     torch.manual_seed(seed)
     model = Qwen3Model(qwen3_config(**config)).eval()
-    model.save_pretrained(path)
+    model.save_pretrained(path)  # flat `Qwen3Model` keys (embed_tokens, layers.*, norm), no lm_head
+    config_file = path / "config.json"
+    published = json.loads(config_file.read_text())
+    published["architectures"] = ["Qwen3ForCausalLM"]  # what the published config.json names
+    config_file.write_text(json.dumps(published, indent=2))
     build_qwen_tokenizer(bpe_dir, append_eot=True).save_pretrained(path)
+    (path / "README.md").write_text(QWEN3_EMBEDDING_CARD)
     hidden = model.config.hidden_size
     (path / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -151,7 +174,9 @@ def build_qwen3_embedding(path: str | Path, *, seed: int = 0, bpe_dir: str | Pat
 
 
 def build_qwen3_reranker(path: str | Path, *, seed: int = 0, bpe_dir: str | Path | None = None, **config) -> Path:
-    """Save a random-weight Qwen3-Reranker-style model (`Qwen3ForCausalLM`) and its tokenizer to `path`."""
+    """Save a random-weight model in the published Qwen3-Reranker layout (`Qwen3ForCausalLM` with `model.` keys;
+    0.6B ties `lm_head` to the embeddings and stores none, 4B/8B: `tie_word_embeddings=False`, `lm_head` stored)
+    and its tokenizer to `path`."""
     import torch
     from transformers import Qwen3ForCausalLM
 

@@ -146,6 +146,35 @@ def test_loading_errors(tmp_path, monkeypatch):
         Embedder.from_pretrained(tmp_path)
 
 
+def test_missing_weights_are_an_error_not_random_init(tiny_embedder_path, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "incomplete"
+    shutil.copytree(tiny_embedder_path, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights["layers.1.mlp.down_proj.weight"]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(QembedError, match=r"layers\.1\.mlp\.down_proj\.weight.*randomly initiali[sz]ed"):
+        Embedder.from_pretrained(folder)
+
+
+def test_dim_warns_once_without_declared_matryoshka_support(embedder, tiny_embedder_path, tmp_path, caplog):
+    """The published Qwen3-Embedding card declares MRL support; a model whose files do not gets one warning."""
+    with caplog.at_level("WARNING", logger="qembed"):
+        embedder.encode(TEXTS, dim=32)
+    assert not [r for r in caplog.records if "Matryoshka" in r.getMessage()]
+    folder = tmp_path / "no-card"
+    shutil.copytree(tiny_embedder_path, folder)
+    (folder / "README.md").unlink()
+    plain = Embedder.from_pretrained(folder)
+    with caplog.at_level("WARNING", logger="qembed"):
+        plain.encode(TEXTS, dim=32)
+        plain.encode(TEXTS, dim=48)
+        plain.encode(TEXTS)
+    warned = [r.getMessage() for r in caplog.records if "Matryoshka" in r.getMessage()]
+    assert len(warned) == 1 and "dim" in warned[0]
+
+
 # ---------------------------------------------------------------- the real all-MiniLM-L6-v2
 
 SENTENCES = [

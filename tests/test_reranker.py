@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qembed import Reranker
+from qembed import QembedError, Reranker
 from qembed.models.prompts import RERANK_PREFIX, RERANK_SUFFIX
 
 QUERY = "How do I stop rice blast?"
@@ -111,3 +118,75 @@ def test_sequence_classification_cross_encoder(tmp_path, minilm_path):
         with torch.no_grad():
             want.append(torch.sigmoid(model(**inputs).logits[0, 0]).item())
     assert got == pytest.approx(want, abs=1e-5)
+
+
+# ---------------------------------------------------------------- what loads as a reranker (issue 13)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _weight_names(folder) -> set[str]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def test_fixtures_have_the_published_layouts(tiny_reranker_path, tiny_embedder_path, tmp_path):
+    from qembed.testing import build_qwen3_reranker
+
+    for folder in (tiny_reranker_path, tiny_embedder_path):
+        assert json.loads((folder / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    emb = _weight_names(tiny_embedder_path)  # Qwen3-Embedding: Qwen3Model keys, no head
+    assert "embed_tokens.weight" in emb and not any(k.startswith(("model.", "lm_head")) for k in emb)
+    rr = _weight_names(tiny_reranker_path)  # Qwen3-Reranker-0.6B: tied head, not stored
+    assert "model.embed_tokens.weight" in rr and "lm_head.weight" not in rr
+    untied = build_qwen3_reranker(tmp_path / "untied", seed=2, tie_word_embeddings=False)  # 4B / 8B
+    assert "lm_head.weight" in _weight_names(untied)
+    reranker = Reranker.from_pretrained(untied)
+    assert reranker.score(QUERY, DOCS) == pytest.approx(reference_scores(untied, QUERY, DOCS, None), abs=1e-5)
+
+
+def test_an_embedder_is_not_a_reranker(minilm_path, tiny_embedder_path, tmp_path):
+    with pytest.raises(QembedError, match=r"BertModel.*expected"):
+        Reranker.from_pretrained(minilm_path)
+    with pytest.raises(QembedError, match=r"embedding model.*expected"):
+        Reranker.from_pretrained(tiny_embedder_path)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("Rice blast is a fungal disease.\nThe Eiffel Tower is in Paris.\n")
+    proc = subprocess.run([sys.executable, "-m", "qembed", "rerank", "--model", str(minilm_path), "--query",
+                           "rice blast control", "--input", str(docs)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "expected" in proc.stderr
+
+
+def test_heads_that_would_be_randomly_initialised_are_refused(minilm_path, tiny_embedder_path, tmp_path):
+    # the Qwen3-Embedding-8B layout (untied, no lm_head) without its sentence-transformers files
+    headless = tmp_path / "headless"
+    shutil.copytree(tiny_embedder_path, headless)
+    (headless / "modules.json").unlink()
+    config = json.loads((headless / "config.json").read_text())
+    (headless / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(QembedError, match=r"lm_head\.weight.*randomly initiali[sz]ed"):
+        Reranker.from_pretrained(headless)
+    # a cross-encoder config over weights without a classification head
+    no_head = tmp_path / "no-head"
+    shutil.copytree(minilm_path, no_head)
+    (no_head / "modules.json").unlink()
+    config = json.loads((no_head / "config.json").read_text())
+    (no_head / "config.json").write_text(json.dumps({**config, "architectures": ["BertForSequenceClassification"]}))
+    with pytest.raises(QembedError, match=r"classifier.*randomly initiali[sz]ed"):
+        Reranker.from_pretrained(no_head)
+
+
+def test_causal_lm_without_yes_no_tokens_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
+
+    from qembed.testing import qwen3_config
+
+    folder = tmp_path / "no-yes"
+    Qwen3ForCausalLM(qwen3_config(vocab_size=64, bos_token_id=None, eos_token_id=None)).save_pretrained(folder)
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "rice": 1, "blast": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<unk>").save_pretrained(folder)
+    with pytest.raises(QembedError, match=r"'yes'.*'no'"):
+        Reranker.from_pretrained(folder)

@@ -18,9 +18,19 @@ from tqdm.auto import tqdm
 
 from qembed.models import prompts
 from qembed.models.batching import pad_batch, token_budget_batches
+from qembed.models.layout import (
+    ModelRecord,
+    declares_matryoshka,
+    dtype_name,
+    keep_base_layout,
+    read_record,
+    write_record,
+)
 from qembed.models.loading import (
     SentenceTransformersInfo,
     load_pretrained,
+    load_weights,
+    model_class,
     pick_device,
     pick_dtype,
     read_sentence_transformers_info,
@@ -83,13 +93,16 @@ class Embedder:
         elif self.pooling == "lasttoken" and getattr(model.config, "model_type", "").startswith("qwen"):
             self.default_instruction = prompts.DEFAULT_QUERY_INSTRUCTION
         self.fingerprint = weights_fingerprint(model_dir, self.pooling, self.max_length, info.normalize, "fmt-1")
+        self.matryoshka = declares_matryoshka(model_dir)  # else `dim` warns once
+        self._warned_dim = False
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, max_length: int = 8192,
                         trust_remote_code: bool = False) -> Embedder:  # fmt: skip
-        """Load from a local folder or a hub id (sentence-transformers or plain transformers layout)."""
+        """Load from a local folder or a hub id (sentence-transformers or plain transformers layout): the base
+        model (no head; the class a qembed export records), refusing weights that would be randomly initialised."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         model_dir = resolve_model_dir(name_or_path)
@@ -97,18 +110,30 @@ class Embedder:
         config = load_pretrained(AutoConfig, model_dir, trust_remote_code=trust_remote_code)
         info = read_sentence_transformers_info(model_dir, config)
         tokenizer = load_pretrained(AutoTokenizer, model_dir, trust_remote_code=trust_remote_code)
-        model = load_pretrained(AutoModel, model_dir, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code)
+        record = read_record(model_dir)
+        backbone = model_class(record.backbone) if record and record.kind == "embedder" else AutoModel
+        model = load_weights(backbone, model_dir, expected="an embedding model with all of its weights",
+                             dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code)  # fmt: skip
         model.to(device).eval()
         return cls(model, tokenizer, info, model_dir=model_dir, name_or_path=str(name_or_path),
                    max_length=max_length, device=device)  # fmt: skip
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Save model, tokenizer and sentence-transformers files; the folder loads back with `from_pretrained`."""
+        """Save model, tokenizer, sentence-transformers files and `qembed.json`, keeping the tensor names and
+        `architectures` of the folder it was loaded from; the folder loads back with `from_pretrained`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
+        keep_base_layout(directory, self.model_dir, self.model)
         self.tokenizer.save_pretrained(directory)
         write_sentence_transformers_files(directory, self.info, self.hidden_size)
+        write_record(directory, self.record())
+
+    def record(self) -> ModelRecord:
+        """What this model is, as `qembed.json` records it."""
+        return ModelRecord(kind="embedder", backbone=type(self.model).__name__, pooling=self.pooling,
+                           dtype=dtype_name(self.model.dtype), matryoshka=self.matryoshka,
+                           base_model=self.name_or_path)  # fmt: skip
 
     # ------------------------------------------------------------------ formatting
     def prepare(self, texts: Sequence[str], *, instruction: str | None = None, prompt: str = "") -> list[list[int]]:
@@ -195,6 +220,11 @@ class Embedder:
             return self.hidden_size
         if not isinstance(dim, int) or isinstance(dim, bool) or not MIN_MRL_DIM <= dim <= self.hidden_size:
             raise ValueError(f"dim must be an integer between {MIN_MRL_DIM} and {self.hidden_size}, got {dim!r}")
+        if dim < self.hidden_size and not self.matryoshka and not self._warned_dim:
+            self._warned_dim = True
+            log.warning("%s: dim=%d keeps the first %d of %d components, but the model's files do not declare "
+                        "Matryoshka support (qembed.json from training with --mrl-dims, or MRL in its model card): "
+                        "quality may drop", self.name_or_path, dim, dim, self.hidden_size)  # fmt: skip
         return dim
 
     def __repr__(self) -> str:

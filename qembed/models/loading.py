@@ -207,6 +207,40 @@ def load_pretrained(auto_class, model_dir: Path, **kwargs):
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise for a toolkit user
     try:
         return auto_class.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QembedError(f"cannot load {auto_class.__name__} from {model_dir}: {first_line}") from None
+
+
+def model_class(name: str):
+    """The transformers class called `name` (as recorded in `qembed.json`)."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise QembedError(f"unknown transformers model class {name!r} (upgrade transformers?)")
+    return cls
+
+
+def load_weights(model_class_or_auto, model_dir: Path, *, expected: str, **kwargs):
+    """Load a model and refuse to initialise anything at random: weights the folder lacks (a missing head, a
+    missing layer) are a one-line `QembedError` naming what was found and `expected`. Tensors the class does
+    not use (a head an embedder ignores) are fine."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' own load report: its findings become our error below
+    try:
+        model, info = load_pretrained(model_class_or_auto, model_dir, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise QembedError(
+            f"{model_dir} loaded as {type(model).__name__} leaves {shown} randomly initialised "
+            f"(not in its weights); expected {expected}"
+        )
+    if info.get("unexpected_keys"):
+        log.debug("%s: unused tensors %s", model_dir, sorted(info["unexpected_keys"])[:5])
+    return model

@@ -18,9 +18,48 @@ from qembed.errors import QembedError
 from qembed.models import prompts
 from qembed.models.batching import pad_batch, token_budget_batches
 from qembed.models.embedder import DEFAULT_BATCH_TOKENS, check_texts
-from qembed.models.loading import load_pretrained, pick_device, pick_dtype, resolve_model_dir
+from qembed.models.layout import (
+    ModelRecord,
+    dtype_name,
+    keep_base_layout,
+    read_record,
+    sentence_transformers_pooling,
+    write_record,
+)
+from qembed.models.loading import (
+    load_pretrained,
+    load_weights,
+    model_class,
+    pick_device,
+    pick_dtype,
+    resolve_model_dir,
+)
 
 _AUTO_PROGRESS_FROM = 256  # pairs
+_EXPECTED = ("a reranker: a Qwen3-Reranker-style causal LM (...ForCausalLM with its output layer) or a "
+             "cross-encoder (...ForSequenceClassification with its classification head)")  # fmt: skip
+
+
+def _reranker_class(model_dir: Path, config) -> tuple[str, type]:
+    """(kind, transformers class) of a reranker folder: from its `qembed.json`, else from what it declares;
+    embedding models and other classes are refused."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    record = read_record(model_dir)
+    if record is not None:
+        if record.kind != "reranker":
+            raise QembedError(f"{model_dir} is a qembed {record.kind} ({record.backbone}); expected {_EXPECTED}")
+        return record.reranker or "qwen3", model_class(record.backbone)
+    archs = getattr(config, "architectures", None) or [getattr(config, "model_type", "unknown")]
+    pooling = sentence_transformers_pooling(model_dir)
+    if pooling is not None:
+        raise QembedError(f"{model_dir} is a sentence-transformers embedding model ({', '.join(archs)}, {pooling} "
+                          f"pooling); expected {_EXPECTED}")  # fmt: skip
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "cross-encoder", AutoModelForSequenceClassification
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "qwen3", AutoModelForCausalLM
+    raise QembedError(f"{model_dir} holds {', '.join(archs)}; expected {_EXPECTED}")
 
 
 class Reranker:
@@ -41,6 +80,11 @@ class Reranker:
         if kind == "qwen3":
             self.yes_id = tokenizer.convert_tokens_to_ids("yes")
             self.no_id = tokenizer.convert_tokens_to_ids("no")
+            vocab = model.get_output_embeddings().weight.shape[0]
+            if not all(isinstance(i, int) and i != tokenizer.unk_token_id and 0 <= i < vocab
+                       for i in (self.yes_id, self.no_id)):  # fmt: skip
+                raise QembedError(f"{model_dir}: the vocabulary has no 'yes' and 'no' tokens; expected a "
+                                  f"Qwen3-Reranker-style causal LM that answers yes/no")  # fmt: skip
             self._prefix = tokenizer(prompts.RERANK_PREFIX, add_special_tokens=False)["input_ids"]
             self._suffix = tokenizer(prompts.RERANK_SUFFIX, add_special_tokens=False)["input_ids"]
             if self.max_length <= len(self._prefix) + len(self._suffix):
@@ -50,30 +94,34 @@ class Reranker:
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, max_length: int = 8192,
                         trust_remote_code: bool = False) -> Reranker:  # fmt: skip
-        """Load a Qwen3-Reranker-style causal LM or a sequence-classification cross-encoder."""
-        from transformers import (
-            AutoConfig,
-            AutoModelForCausalLM,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
+        """Load a Qwen3-Reranker-style causal LM (its output layer loaded, `yes`/`no` in its vocabulary) or a
+        cross-encoder (its classification head loaded); anything else is a one-line `QembedError`."""
+        from transformers import AutoConfig, AutoTokenizer
 
         model_dir = resolve_model_dir(name_or_path)
         device = pick_device(device)
         config = load_pretrained(AutoConfig, model_dir, trust_remote_code=trust_remote_code)
-        archs = getattr(config, "architectures", None) or []
-        kind = "cross-encoder" if any(a.endswith("ForSequenceClassification") for a in archs) else "qwen3"
-        auto = AutoModelForSequenceClassification if kind == "cross-encoder" else AutoModelForCausalLM
+        kind, backbone = _reranker_class(model_dir, config)
         tokenizer = load_pretrained(AutoTokenizer, model_dir, trust_remote_code=trust_remote_code)
-        model = load_pretrained(auto, model_dir, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code)
+        model = load_weights(backbone, model_dir, expected=_EXPECTED, dtype=pick_dtype(dtype, device),
+                             trust_remote_code=trust_remote_code)  # fmt: skip
         model.to(device).eval()
         return cls(model, tokenizer, kind=kind, model_dir=model_dir, name_or_path=str(name_or_path),
                    max_length=max_length, device=device)  # fmt: skip
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        Path(directory).mkdir(parents=True, exist_ok=True)
+        """Save model, tokenizer and `qembed.json`, keeping the tensor names of the folder it was loaded from."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
+        keep_base_layout(directory, self.model_dir, self.model)
         self.tokenizer.save_pretrained(directory)
+        write_record(directory, self.record())
+
+    def record(self) -> ModelRecord:
+        """What this model is, as `qembed.json` records it."""
+        return ModelRecord(kind="reranker", backbone=type(self.model).__name__, reranker=self.kind,
+                           dtype=dtype_name(self.model.dtype), base_model=self.name_or_path)  # fmt: skip
 
     # ------------------------------------------------------------------ formatting
     def prepare_pairs(self, query: str, documents: Sequence[str], *, instruction: str | None = None) -> list[list[int]]:

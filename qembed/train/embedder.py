@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from qembed.errors import QembedError
+from qembed.models.layout import write_record
 from qembed.train import distributed
 from qembed.train.contrastive import LossConfig, contrastive_backward
 from qembed.train.data import batch_rng, contrastive_batch, epoch_batches
@@ -67,10 +68,15 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig):
 
 
 def export_model(holder, peft_model, cfg: TrainConfig, output: Path, original_dir: Path) -> None:
-    """Save the trained model as a plain folder (LoRA merged) or, with `merge_lora=False`, the adapter."""
+    """Save the trained model as a plain folder (LoRA merged) with its base's tensor names or, with
+    `merge_lora=False`, the adapter; either way with a `qembed.json` saying what it is (backbone class,
+    pooling, dtype, Matryoshka training) for loading and merging."""
+    if cfg.mrl_dims:
+        holder.matryoshka = True
     if peft_model is not None and not cfg.merge_lora:
         peft_model.save_pretrained(output)
         holder.tokenizer.save_pretrained(output)
+        write_record(output, holder.record())  # the class the adapter's module names belong to
         return
     if peft_model is not None:
         holder.model = peft_model.merge_and_unload()
