@@ -125,6 +125,22 @@ def test_save_and_reload_round_trip(embedder, tmp_path):
     np.testing.assert_allclose(again.encode_queries(TEXTS), embedder.encode_queries(TEXTS), atol=1e-6)
 
 
+def test_saved_folder_records_itself_and_keeps_the_base_names(tiny_reranker_path, tmp_path):
+    """An embedder started from a causal LM (`model.*` keys, tied head) saves headless `Qwen3Model` weights once,
+    with the base's `architectures` and a `qembed.json` naming the real class."""
+    from qembed.models.layout import read_record, weight_names
+
+    emb = Embedder.from_pretrained(tiny_reranker_path)
+    emb.save_pretrained(tmp_path / "saved")
+    names = weight_names(tmp_path / "saved")
+    assert "embed_tokens.weight" in names and not any(n.startswith(("model.", "lm_head")) for n in names)
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    record = read_record(tmp_path / "saved")
+    assert (record.kind, record.backbone, record.pooling, record.dtype) == ("embedder", "Qwen3Model", "lasttoken", "float32")
+    again = Embedder.from_pretrained(tmp_path / "saved")
+    np.testing.assert_allclose(again.encode(TEXTS[:2]), emb.encode(TEXTS[:2]), atol=1e-6)
+
+
 def test_sentence_transformers_agrees_on_tiny_qwen3(embedder, tiny_embedder_path):
     from sentence_transformers import SentenceTransformer
 

@@ -175,13 +175,27 @@ def _assert_between(mid: dict, a: dict, b: dict) -> int:
     return differ
 
 
+@pytest.fixture(scope="module")
+def adapters(tiny_embedder_path, tiny_reranker_path, train_file, tmp_path_factory) -> dict[str, Path]:
+    """LoRA adapters (`--no-merge-lora` exports) trained on the published-layout fixtures, built on demand."""
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            base = tiny_embedder_path if kind == "embedder" else tiny_reranker_path
+            built[kind] = _train(kind, base, train_file, tmp_path_factory.mktemp(kind) / "adapter", merge_lora=False)
+        return built[kind]
+
+    return get
+
+
 @pytest.mark.parametrize("kind", ["embedder", "reranker"])
-def test_lora_adapter_on_published_layout_merges_with_base(kind, request, train_file, tmp_path):
+def test_lora_adapter_on_published_layout_merges_with_base(kind, request, adapters, tmp_path):
     """Issue 9: an adapter trained on the real layout must load fully; the merge lies between base and tuned."""
     from qembed import Embedder, Reranker
 
     base = request.getfixturevalue(f"tiny_{kind}_path")
-    adapter = _train(kind, base, train_file, tmp_path / "adapter", merge_lora=False)
+    adapter = adapters(kind)
     assert (adapter / "adapter_config.json").is_file()
     record = json.loads((adapter / "qembed.json").read_text())
     assert record["backbone"] == ("Qwen3Model" if kind == "embedder" else "Qwen3ForCausalLM")
@@ -196,10 +210,13 @@ def test_lora_adapter_on_published_layout_merges_with_base(kind, request, train_
     assert loader.from_pretrained(mid_dir, device="cpu") is not None
 
 
-def test_adapter_weight_left_unloaded_is_an_error(tiny_embedder_path, train_file, tmp_path):
+def test_adapter_weight_left_unloaded_is_an_error(tiny_embedder_path, adapters, tmp_path):
+    import shutil
+
     from safetensors.torch import save_file
 
-    adapter = _train("embedder", tiny_embedder_path, train_file, tmp_path / "adapter", merge_lora=False)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapters("embedder"), adapter)
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     key = sorted(weights)[0]
     weights[key.replace("layers.0.", "layers.9.")] = weights.pop(key)  # a module the model does not have
@@ -237,17 +254,13 @@ def test_minilm_finetuned_by_the_cli_merges_with_its_base(minilm_path, train_fil
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     tuned = tmp_path / "ft"
     train = [sys.executable, "-m", "qembed", "train", "embedder", "--model", str(minilm_path), "--data",
-             str(train_file), "--output", str(tuned), "--full", "--max-steps", "2", "--batch-size", "4",
+             str(train_file), "--output", str(tuned), "--full", "--max-steps", "1", "--batch-size", "4",
              "--lr", "1e-3", "--save-steps", "0"]  # fmt: skip
     proc = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "embeddings.position_ids" in _keys(tuned) and _keys(tuned) == _keys(minilm_path)
-    merged = tmp_path / "merged"
-    cli = [sys.executable, "-m", "qembed", "merge", "--method", "slerp", "--models", str(minilm_path), str(tuned),
-           "--t", "0.5", "--output", str(merged)]  # fmt: skip
-    proc = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = _state(minilm_path), _state(tuned)
+    merged = merge_models([minilm_path, tuned], tmp_path / "merged", method="slerp", t=0.5)
     assert _assert_between(_state(merged), a, b) > 30
     reverse = merge_models([tuned, minilm_path], tmp_path / "rev", method="linear")
     assert _assert_between(_state(reverse), a, b) > 30

@@ -142,7 +142,8 @@ def test_fixtures_have_the_published_layouts(tiny_reranker_path, tiny_embedder_p
     untied = build_qwen3_reranker(tmp_path / "untied", seed=2, tie_word_embeddings=False)  # 4B / 8B
     assert "lm_head.weight" in _weight_names(untied)
     reranker = Reranker.from_pretrained(untied)
-    assert reranker.score(QUERY, DOCS) == pytest.approx(reference_scores(untied, QUERY, DOCS, None), abs=1e-5)
+    got = reranker.score(QUERY, DOCS[:2])
+    assert got == pytest.approx(reference_scores(untied, QUERY, DOCS[:2], None), abs=1e-5)
 
 
 def test_an_embedder_is_not_a_reranker(minilm_path, tiny_embedder_path, tmp_path):

@@ -133,7 +133,8 @@ def keep_base_layout(out_dir: Path, base_dir: Path, model: torch.nn.Module) -> N
         config["architectures"] = base_config["architectures"]
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     try:
-        missing = weight_names(base_dir) - weight_names(out_dir)
+        saved = weight_names(out_dir)
+        missing = weight_names(base_dir) - saved
     except QembedError:
         return
     own = {**model.state_dict(), **dict(model.named_buffers())}
@@ -142,7 +143,8 @@ def keep_base_layout(out_dir: Path, base_dir: Path, model: torch.nn.Module) -> N
     for name in sorted(missing):
         for candidate in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
             if candidate in own:
-                extra[name] = own[candidate].detach().to("cpu").clone().contiguous()
+                if candidate not in saved:  # else saved under the model's own name (e.g. an LM's body)
+                    extra[name] = own[candidate].detach().to("cpu").clone().contiguous()
                 break
     if extra:
         _add_tensors(out_dir, extra)
