@@ -22,7 +22,7 @@ EVAL_KS = {"embedder": (1, 5, 10, 100), "reranker": (1, 5, 10)}
 EVAL_METRICS = ("ndcg", "recall", "mrr")
 # options a resumed run may change: they do not alter the training trajectory
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "progress", "device", "precision", "save_steps", "save_total_limit", "eval_steps", "load_best",
+    {"output", "resume", "progress", "device", "precision", "save_steps", "save_total_limit", "eval_steps", "load_best",
      "merge_lora"}
 )  # fmt: skip
 AUTO = frozenset({"lr", "lora", "temperature", "lora_targets"})  # None: resolved from the model
