@@ -119,6 +119,12 @@ def test_resume_refuses_changed_options_and_data(tiny_embedder_path, data_file, 
     data.write_text(data_file.read_text())
     # options that do not change the training trajectory may change
     assert main(base + ["--resume", "--save-steps", "5", "--save-total-limit", "1"]) == 0
+    # without the run's recorded options (an older run), the checkpoint itself does not fit a LoRA model
+    (out / "train_config.json").unlink()
+    capsys.readouterr()
+    assert main(base + ["--lora", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "do not fit this model" in err, err
 
 
 def _subparsers(parser):
