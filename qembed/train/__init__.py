@@ -10,16 +10,11 @@ import importlib
 
 __all__ = ["TrainConfig", "TrainResult", "train_embedder", "train_reranker"]
 
-# resolved on first use, so that `qembed.train.config` (the CLI's defaults) imports without torch
-_LAZY = {
-    "TrainConfig": "qembed.train.config",
-    "TrainResult": "qembed.train.loop",
-    "train_embedder": "qembed.train.embedder",
-    "train_reranker": "qembed.train.reranker",
-}
+# submodule of each public name, imported on first use: `qembed.train.config` (the CLI's defaults) stays torch-free
+_LAZY = {"TrainConfig": "config", "TrainResult": "loop", "train_embedder": "embedder", "train_reranker": "reranker"}
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'qembed.train' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
