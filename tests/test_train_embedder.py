@@ -57,7 +57,8 @@ def test_full_finetune_loss_goes_down_and_output_loads(tiny_embedder_path, train
     queries = {f"q{i}": f"how to manage {t} disease" for i, t in enumerate(TOPICS)}
     write_beir(beir, corpus, queries, {"test": {f"q{i}": {f"d{i}": 1} for i in range(len(TOPICS))}})
     out = tmp_path / "out"
-    cfg = _cfg(tiny_embedder_path, train_file, out, lora=False, epochs=3, eval_dataset=str(beir), eval_steps=6)
+    cfg = _cfg(tiny_embedder_path, train_file, out, lora=False, epochs=3, eval_dataset=str(beir), eval_steps=6,
+               eval_split="test")
     result = train_embedder(cfg)
     assert result.steps == 12 and len(_losses(out)) == 12
     evals = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if '"eval"' in line]

@@ -52,7 +52,7 @@ def test_qwen3_reranker_lora_sft_learns_yes_no(tiny_reranker_path, pairs_file, t
     out = tmp_path / "rr"
     cfg = TrainConfig(model=str(tiny_reranker_path), data=[str(pairs_file)], output=str(out), batch_size=3,
                       epochs=4, lora=True, lora_r=8, lr=5e-3, save_steps=0, progress=False, seed=0,
-                      eval_dataset=str(beir), eval_steps=8)  # fmt: skip
+                      eval_dataset=str(beir), eval_split="test", eval_steps=8)  # fmt: skip
     result = train_reranker(cfg)
     assert result.steps == 8
     evals = [

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from qembed.errors import QembedError
+
 STATE_FILE = "trainer_state.json"
 
 
@@ -22,10 +24,15 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable weights into `model`; a checkpoint that does not fit (other LoRA options, another
+    model) raises `QembedError`."""
     params = dict(model.named_parameters())
-    missing = [name for name in state if name not in params]
-    if missing:
-        raise RuntimeError(f"checkpoint has parameters the model lacks: {missing[:3]}")
+    trainable = {name for name, p in params.items() if p.requires_grad}
+    wrong = [name for name in state if name not in params or params[name].shape != state[name].shape]
+    if wrong or set(state) != trainable:
+        first = wrong[0] if wrong else sorted(trainable ^ set(state))[0]
+        raise QembedError(f"the checkpoint's trainable weights do not fit this model ({first}): "
+                          "it was trained with other --lora/--full or LoRA options, or another model")  # fmt: skip
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))

@@ -12,16 +12,10 @@ import torch
 from qembed.errors import QembedError
 from qembed.models.layout import write_record
 from qembed.train import distributed
+from qembed.train.config import EVAL_KS, EVAL_METRICS
 from qembed.train.contrastive import LossConfig, contrastive_backward
 from qembed.train.data import batch_rng, contrastive_batch, epoch_batches
-from qembed.train.loop import (
-    Task,
-    TrainConfig,
-    TrainResult,
-    autocast,
-    run_training,
-    start_run,
-)
+from qembed.train.loop import Task, TrainConfig, TrainResult, autocast, max_length, run_training, start_run
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +90,7 @@ def _saved_dtype(model_dir: Path) -> torch.dtype | None:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
 
 
-def evaluate_embedder(emb, dataset, ks=(1, 5, 10, 100)) -> dict[str, float]:
+def evaluate_embedder(emb, dataset, ks=EVAL_KS["embedder"]) -> dict[str, float]:
     """Exact cosine retrieval on a `RetrievalDataset` with the model's current weights (no cache)."""
     from qembed.eval.metrics import evaluate_run
 
@@ -119,7 +113,7 @@ def evaluate_embedder(emb, dataset, ks=(1, 5, 10, 100)) -> dict[str, float]:
         qid: [(doc_ids[j], float(s)) for j, s in zip(row, vals)]
         for qid, row, vals in zip(qids, top.tolist(), scores.tolist())
     }
-    return evaluate_run(run, dataset.qrels, ks=ks, metrics=("ndcg", "recall", "mrr")).mean
+    return evaluate_run(run, dataset.qrels, ks=ks, metrics=EVAL_METRICS).mean
 
 
 def train_embedder(cfg: TrainConfig, *, on_step=None) -> TrainResult:
@@ -128,15 +122,15 @@ def train_embedder(cfg: TrainConfig, *, on_step=None) -> TrainResult:
     ranks; see `qembed.train.distributed`)."""
     from qembed import Embedder
 
-    world, rank, records, device = start_run(cfg)
-    emb = Embedder.from_pretrained(cfg.model, device=device, dtype=torch.float32, max_length=cfg.max_length)
+    run = start_run(cfg, "embedder")
+    world, rank, records = run.world, run.rank, run.records
+    emb = Embedder.from_pretrained(cfg.model, device=run.device, dtype=torch.float32)
+    inference_length, emb.max_length = emb.max_length, min(cfg.max_length, emb.max_length)
     peft_model = prepare_model(emb.model, cfg)
     loss_cfg = LossConfig(
         temperature=cfg.temperature or default_temperature(emb.pooling), qq_dd=cfg.qq_dd, fn_margin=cfg.fn_margin,
         mrl_dims=cfg.mrl_dims,
     )  # fmt: skip
-    if cfg.mrl_dims and max(cfg.mrl_dims) > emb.hidden_size:
-        raise QembedError(f"--mrl-dims {cfg.mrl_dims} exceed the hidden size {emb.hidden_size}")
     doc_prompt = emb.document_prompt
 
     def prepare_queries(queries: list[str], instructions: list[str | None]) -> list[list[int]]:
@@ -171,17 +165,13 @@ def train_embedder(cfg: TrainConfig, *, on_step=None) -> TrainResult:
         )  # fmt: skip
         return loss, len(indices), sum(map(len, q_ids)) + sum(map(len, d_ids))
 
-    evaluate = None
-    if cfg.eval_dataset:
-        from qembed.data.beir import RetrievalDataset
-
-        dataset = RetrievalDataset.load(cfg.eval_dataset, split=cfg.eval_split)
-
-        def evaluate():
-            return evaluate_embedder(emb, dataset)
+    def evaluate():
+        with max_length(emb, inference_length):
+            return evaluate_embedder(emb, run.eval_data)
 
     task = Task(
-        model=emb.model, batches=batches, step=step, evaluate=evaluate,
+        model=emb.model, batches=batches, step=step, evaluate=evaluate if run.eval_data else None,
         export=lambda out: export_model(emb, peft_model, cfg, out, emb.model_dir),
+        eval_split=run.eval_data.split if run.eval_data else None,
     )  # fmt: skip
     return run_training(cfg, task, on_step=on_step)

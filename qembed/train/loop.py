@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,59 +22,12 @@ from tqdm.auto import tqdm
 from qembed.data.jsonl import JsonlAppender, write_jsonl
 from qembed.errors import QembedError
 from qembed.train import checkpoint, distributed
+from qembed.train.config import CONFIG_FILE, TrainConfig, check_model, check_output, saved_record, validate
+
+__all__ = ["TrainConfig", "Task", "TrainResult", "Run", "start_run", "run_training"]
 
 log = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Options of `train_embedder` / `train_reranker` (the CLI flags of `qembed train`).
-
-    `None` defaults are chosen from the model: `lora` (LoRA for models over 300M parameters, full fine-tuning
-    below), `lr` (1e-4 with LoRA, 2e-5 full), `temperature` (embedder: 0.01 for last-token LLM embedders,
-    0.05 for mean/CLS-pooling encoders), `lora_targets` (the attention and MLP projections of the family).
-    """
-
-    model: str
-    data: list[str]
-    output: str
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float | None = None
-    lora: bool | None = None
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None
-    merge_lora: bool = True
-    temperature: float | None = None
-    qq_dd: bool = True
-    fn_margin: float | None = 0.1
-    mrl_dims: list[int] | None = None
-    num_negatives: int = 3
-    grad_cache_chunk: int | None = None
-    grad_accum: int = 1
-    warmup_ratio: float = 0.1
-    scheduler: str = "linear"
-    weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0
-    gradient_checkpointing: bool = False
-    max_length: int = 512
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    resume: bool = False
-    eval_dataset: str | None = None
-    eval_steps: int = 0
-    eval_split: str = "test"
-    eval_metric: str = "ndcg@10"
-    load_best: bool = False
-    same_source_batches: bool = False
-    seed: int = 0
-    device: str | None = None
-    precision: str = "auto"
-    max_steps: int | None = None
-    progress: bool = True
 
 
 @dataclass
@@ -87,6 +40,7 @@ class Task:
     step: Callable[[int, int, Any, float], tuple[float, int, int]]
     export: Callable[[Path], None]
     evaluate: Callable[[], dict[str, float]] | None = None
+    eval_split: str | None = None
 
 
 @dataclass
@@ -103,18 +57,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_run(cfg) -> tuple[int, int, list, torch.device | None]:
-    """Common start of a training recipe: join the process group (under torchrun), seed, read the data and
-    pick the device. Returns (world size, rank, records, device or None for the loader's default)."""
-    from qembed.train.data import read_training_data
+@dataclass
+class Run:
+    """What `start_run` gives a recipe."""
 
+    world: int
+    rank: int
+    records: list
+    device: torch.device | None  # None: the loader's default
+    eval_data: Any = None  # RetrievalDataset when cfg.eval_dataset
+
+
+def start_run(cfg: TrainConfig, recipe: str) -> Run:
+    """Common start of a training recipe, before any model is loaded: check every option (and, resuming, that
+    they match the checkpoints'), join the process group (under torchrun), seed, read the training data and
+    the evaluation split (records asking a carved dev query are left out), check the model's config."""
+    from qembed.train.data import read_training_data
+    from qembed.train.evalsplit import held_out, load_eval_dataset
+
+    validate(cfg, recipe)
+    check_output(cfg, bool(checkpoint.list_checkpoints(Path(cfg.output) / "checkpoints")))
     distributed.init_from_env()
+    if distributed.rank() != 0:  # one copy of each warning
+        logging.getLogger("qembed").setLevel(logging.ERROR)
     seed_everything(cfg.seed)
-    records = read_training_data(cfg.data)
+    eval_data = load_eval_dataset(cfg.eval_dataset, cfg.eval_split, seed=cfg.seed) if cfg.eval_dataset else None
+    records = held_out(read_training_data(cfg.data), eval_data)
+    check_model(cfg, recipe)
     device = torch.device(cfg.device) if cfg.device else None
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
-    return distributed.world_size(), distributed.rank(), records, device
+    return Run(distributed.world_size(), distributed.rank(), records, device, eval_data)
+
+
+@contextlib.contextmanager
+def max_length(holder, length: int):
+    """Temporarily set an Embedder's or Reranker's token limit (evaluation runs at the inference length)."""
+    saved, holder.max_length = holder.max_length, length
+    try:
+        yield
+    finally:
+        holder.max_length = saved
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
@@ -159,11 +142,7 @@ def run_training(
     output = Path(cfg.output)
     ckpt_dir = output / "checkpoints"
     is_main = distributed.rank() == 0
-    existing = checkpoint.list_checkpoints(ckpt_dir)
-    if existing and not cfg.resume:
-        raise QembedError(
-            f"{ckpt_dir} already has checkpoints: pass --resume to continue, or use a new --output"
-        )
+    existing = checkpoint.list_checkpoints(ckpt_dir)  # start_run refused them unless resuming
     params = [p for p in task.model.parameters() if p.requires_grad]
     if not params:
         raise QembedError("the model has no trainable parameters")
@@ -176,8 +155,6 @@ def run_training(
     num_batches = len(task.batches(0))
     if num_batches == 0:
         raise QembedError("not enough training records for one batch")
-    if cfg.grad_accum < 1:
-        raise QembedError(f"--grad-accum must be at least 1, got {cfg.grad_accum}")
     steps_per_epoch = math.ceil(num_batches / cfg.grad_accum)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -198,7 +175,7 @@ def run_training(
         log_path.unlink()
     if is_main:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (output / CONFIG_FILE).write_text(json.dumps(saved_record(cfg), indent=2))
     logger = JsonlAppender(log_path, fsync=False) if is_main else None
     result = TrainResult(output=output, steps=state["step"])
 
@@ -251,7 +228,7 @@ def run_training(
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
                 stop = state["step"] >= total
-                if task.evaluate and cfg.eval_steps and (state["step"] % cfg.eval_steps == 0 or stop):
+                if task.evaluate and (stop or (cfg.eval_steps and state["step"] % cfg.eval_steps == 0)):
                     _evaluate(cfg, task, state, logger, ckpt_dir)
                 if cfg.save_steps and state["step"] % cfg.save_steps == 0 and not stop:
                     if is_main:
@@ -297,7 +274,7 @@ def _evaluate(cfg: TrainConfig, task: Task, state: dict, logger, ckpt_dir: Path)
         if state["best"] is None or value > state["best"]:
             state.update(best=value, best_step=state["step"])
             checkpoint.save_best(ckpt_dir, task.model, {"step": state["step"], cfg.eval_metric: value})
-        logger.write({"step": state["step"], "eval": metrics, "best_step": state["best_step"]})
+        logger.write({"step": state["step"], "split": task.eval_split, "eval": metrics, "best_step": state["best_step"]})
     _barrier()
 
 

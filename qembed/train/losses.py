@@ -46,6 +46,8 @@ def info_nce(
     The mask is computed without gradient. Without `qq_dd`, `fn_margin` and `same_text` this is the
     usual in-batch-negatives InfoNCE (MultipleNegativesRankingLoss with scale 1/τ).
     """
+    if fn_margin is not None and fn_margin < 0:
+        raise ValueError(f"fn_margin must not be negative (None turns the mask off), got {fn_margin}")
     q = F.normalize(q.float(), dim=-1)
     d = F.normalize(docs.float(), dim=-1)
     n_q = q.shape[0]

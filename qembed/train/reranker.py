@@ -14,10 +14,12 @@ import random
 import torch
 import torch.nn.functional as F
 
+from qembed.errors import QembedError
 from qembed.train import distributed
+from qembed.train.config import EVAL_KS, EVAL_METRICS
 from qembed.train.data import batch_rng, epoch_batches, pair_batch
 from qembed.train.embedder import export_model, prepare_model
-from qembed.train.loop import Task, TrainConfig, TrainResult, autocast, run_training, start_run
+from qembed.train.loop import Task, TrainConfig, TrainResult, autocast, max_length, run_training, start_run
 
 
 def evaluate_reranker(
@@ -47,7 +49,7 @@ def evaluate_reranker(
     finally:
         rr.model.train(was_training)
     qrels = {qid: dataset.qrels[qid] for qid in qids}
-    return evaluate_run(run, qrels, ks=(1, 5, 10), metrics=("ndcg", "recall", "mrr")).mean
+    return evaluate_run(run, qrels, ks=EVAL_KS["reranker"], metrics=EVAL_METRICS).mean
 
 
 def train_reranker(cfg: TrainConfig, *, on_step=None) -> TrainResult:
@@ -56,8 +58,12 @@ def train_reranker(cfg: TrainConfig, *, on_step=None) -> TrainResult:
     negative pairs; `cfg.grad_cache_chunk` caps the pairs per forward pass."""
     from qembed import Reranker
 
-    world, rank, records, device = start_run(cfg)
-    rr = Reranker.from_pretrained(cfg.model, device=device, dtype=torch.float32, max_length=cfg.max_length)
+    run = start_run(cfg, "reranker")
+    world, rank, records = run.world, run.rank, run.records
+    rr = Reranker.from_pretrained(cfg.model, device=run.device, dtype=torch.float32)
+    inference_length, rr.max_length = rr.max_length, min(cfg.max_length, rr.max_length)
+    if rr.kind == "qwen3" and rr.max_length <= len(rr._prefix) + len(rr._suffix):
+        raise QembedError(f"--max-length {cfg.max_length} leaves no room for the reranker prompt")
     peft_model = prepare_model(rr.model, cfg)
 
     def batches(epoch: int):
@@ -89,17 +95,13 @@ def train_reranker(cfg: TrainConfig, *, on_step=None) -> TrainResult:
             total = float(summed)
         return total / len(pairs), len(indices), sum(map(len, ids))
 
-    evaluate = None
-    if cfg.eval_dataset:
-        from qembed.data.beir import RetrievalDataset
-
-        dataset = RetrievalDataset.load(cfg.eval_dataset, split=cfg.eval_split)
-
-        def evaluate():
-            return evaluate_reranker(rr, dataset, seed=cfg.seed)
+    def evaluate():
+        with max_length(rr, inference_length):
+            return evaluate_reranker(rr, run.eval_data, seed=cfg.seed)
 
     task = Task(
-        model=rr.model, batches=batches, step=step, evaluate=evaluate,
+        model=rr.model, batches=batches, step=step, evaluate=evaluate if run.eval_data else None,
         export=lambda out: export_model(rr, peft_model, cfg, out, rr.model_dir),
+        eval_split=run.eval_data.split if run.eval_data else None,
     )  # fmt: skip
     return run_training(cfg, task, on_step=on_step)
