@@ -35,7 +35,7 @@ def test_one_query_format_value():
     assert QueryFormat.of(MODEL_DEFAULT) is MODEL_DEFAULT and repr(MODEL_DEFAULT) == "MODEL_DEFAULT"
     assert QueryFormat.of("Find it").label == "Find it" and NO_INSTRUCTION.label is None
     with pytest.raises(ValueError, match="resolved"):
-        MODEL_DEFAULT.prefix
+        _ = MODEL_DEFAULT.prefix
     with pytest.raises(ValueError):
         QueryFormat("instruction", "")
     with pytest.raises(ValueError):
