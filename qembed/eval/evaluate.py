@@ -29,7 +29,6 @@ __all__ = ["MODEL_DEFAULT", "QueryFormat", "evaluate", "evaluate_reranking", "re
 
 DEFAULT_KS = (1, 5, 10, 30, 100)
 TIE_MARGIN = 10  # extra candidates fetched so documents tied at the cut-off are all considered
-RERANK_PAIRS_PER_CALL = 2048  # pairs (of several queries) scored per `score_pairs` call
 
 
 def evaluate(
@@ -156,28 +155,13 @@ def evaluate_reranking(rr, dataset: RetrievalDataset, candidates: Mapping[str, S
 def rerank_run(rr, dataset: RetrievalDataset, run: Mapping[str, Sequence[tuple[str, float]]], top: int,
                show_progress: bool | None = None) -> dict[str, list[str]]:  # fmt: skip
     """Reorder each query's first `top` candidates by reranker score (trec_eval tie order); the rest keep their
-    order below. Pairs of many queries are scored as one stream (`Reranker.score_pairs`), so batches fill."""
-    from tqdm.auto import tqdm
-
-    qids = list(run)
+    order below. The pairs of all queries are scored as one stream (`Reranker.score_pairs`), so batches fill."""
+    pairs = [(dataset.queries[qid], dataset.doc_text(doc_id)) for qid, ranked in run.items() for doc_id, _ in ranked[:top]]
+    scores = iter(rr.score_pairs(pairs, show_progress=show_progress))
     reranked: dict[str, list[str]] = {}
-    disable = not show_progress if show_progress is not None else None
-    total = sum(min(top, len(run[qid])) for qid in qids)
-    with tqdm(total=total, desc="rerank", unit="pair", disable=disable, dynamic_ncols=True) as bar:
-        begin = 0
-        while begin < len(qids):
-            group, pairs = [], []
-            while begin < len(qids) and (not group or len(pairs) + min(top, len(run[qids[begin]])) <= RERANK_PAIRS_PER_CALL):
-                qid = qids[begin]
-                group.append(qid)
-                pairs += [(dataset.queries[qid], dataset.doc_text(doc_id)) for doc_id, _ in run[qid][:top]]
-                begin += 1
-            scores = iter(rr.score_pairs(pairs, show_progress=False))
-            for qid in group:
-                head, tail = run[qid][:top], run[qid][top:]
-                ordered = trec_order([(doc_id, next(scores)) for doc_id, _ in head])
-                reranked[qid] = [doc_id for doc_id, _ in ordered] + [doc_id for doc_id, _ in tail]
-            bar.update(len(pairs))
+    for qid, ranked in run.items():
+        ordered = trec_order([(doc_id, next(scores)) for doc_id, _ in ranked[:top]])
+        reranked[qid] = [doc_id for doc_id, _ in ordered] + [doc_id for doc_id, _ in ranked[top:]]
     return reranked
 
 

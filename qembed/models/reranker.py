@@ -21,6 +21,7 @@ from qembed.models.embedder import check_texts
 from qembed.models.loading import load_pretrained, pick_device, pick_dtype, resolve_model_dir
 
 _AUTO_PROGRESS_FROM = 256  # pairs
+PAIRS_PER_WINDOW = 4096  # pairs tokenised and batched together by `score_pairs`
 
 
 class Reranker:
@@ -131,29 +132,33 @@ class Reranker:
     def score(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
               batch_tokens: int | None = None, show_progress: bool | None = None) -> list[float]:  # fmt: skip
         """Relevance of each document to `query`, in [0, 1], in input order."""
-        token_ids = self.prepare_pairs(query, documents, instruction=instruction)
-        return self._score_ids(token_ids, batch_tokens, show_progress)
+        if not isinstance(query, str):
+            raise TypeError(f"query is {type(query).__name__}, expected str")
+        pairs = [(query, doc) for doc in check_texts(documents)]
+        return self.score_pairs(pairs, instruction=instruction, batch_tokens=batch_tokens, show_progress=show_progress)
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], *, instruction: str | None = None,
                     batch_tokens: int | None = None, show_progress: bool | None = None) -> list[float]:  # fmt: skip
         """Relevance of each `(query, document)` pair, in [0, 1], in input order.
 
         Pairs of many queries form one token-budget stream, so batches fill however few candidates each
-        query has (`batch_tokens=None`: the model's `default_batch_tokens`).
+        query has (`batch_tokens=None`: the model's `default_batch_tokens`). Pairs are tokenised a window
+        of `PAIRS_PER_WINDOW` at a time, so memory stays bounded however many there are.
         """
-        token_ids = self.prepare_pair_list(pairs, instruction=instruction)
-        return self._score_ids(token_ids, batch_tokens, show_progress)
-
-    def _score_ids(self, token_ids: list[list[int]], batch_tokens: int | None, show_progress: bool | None) -> list[float]:
-        scores = [0.0] * len(token_ids)
-        show = len(token_ids) >= _AUTO_PROGRESS_FROM if show_progress is None else show_progress
-        batches = token_budget_batches([len(ids) for ids in token_ids], batch_tokens or self.default_batch_tokens)
-        with torch.inference_mode(), tqdm(total=len(token_ids), disable=not show, desc="rerank", unit="pair") as bar:
-            for indices in batches:
-                probs = torch.sigmoid(self.forward_logits(self.collate([token_ids[i] for i in indices])))
-                for index, value in zip(indices, probs.tolist()):
-                    scores[index] = value
-                bar.update(len(indices))
+        pairs = _check_pairs(pairs)
+        budget = batch_tokens or self.default_batch_tokens
+        scores: list[float] = []
+        show = len(pairs) >= _AUTO_PROGRESS_FROM if show_progress is None else show_progress
+        with torch.inference_mode(), tqdm(total=len(pairs), disable=not show, desc="rerank", unit="pair") as bar:
+            for begin in range(0, len(pairs), PAIRS_PER_WINDOW):
+                token_ids = self.prepare_pair_list(pairs[begin : begin + PAIRS_PER_WINDOW], instruction=instruction)
+                window = [0.0] * len(token_ids)
+                for indices in token_budget_batches([len(ids) for ids in token_ids], budget):
+                    probs = torch.sigmoid(self.forward_logits(self.collate([token_ids[i] for i in indices])))
+                    for index, value in zip(indices, probs.tolist()):
+                        window[index] = value
+                    bar.update(len(indices))
+                scores += window
         return scores
 
     def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
