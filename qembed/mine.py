@@ -175,6 +175,7 @@ def mine_hard_negatives(
     dim: int | None = None,
     index: str = "faiss",
     cache_dir: str | Path | None = None,
+    batch_tokens: int | None = None,
     chunk_size: int = 1024,
     overwrite: bool = False,
     show_progress: bool | None = None,
@@ -184,7 +185,8 @@ def mine_hard_negatives(
     `model`/`reranker` are names/paths or loaded `Embedder`/`Reranker` objects. `relative_margin` replaces
     the absolute `margin` when given. `instruction` is the query format: the model's own (`MODEL_DEFAULT`), a
     text, a `QueryFormat`, or None (bare queries).
-    `index` is an index spec (`faiss`, `hnsw`, `milvus:PATH_OR_URI`). An existing `output` is resumed
+    `index` is an index spec (`faiss`, `hnsw`, `milvus:PATH_OR_URI`). `batch_tokens`: padded tokens per batch
+    for the embedder and the reranker (None: each model's measured default). An existing `output` is resumed
     (records already written are skipped) unless `overwrite`.
     """
     from qembed.eval.cache import CachedEncoder
@@ -212,8 +214,9 @@ def mine_hard_negatives(
 
         reranker = Reranker.from_pretrained(reranker)
     try:
-        encode_queries = CachedEncoder(emb, query_format=instruction, dim=dim, cache_dir=cache_dir)
-        encode_documents = CachedEncoder(emb, prompt=emb.document_prompt, dim=dim, cache_dir=cache_dir)
+        options = {"dim": dim, "cache_dir": cache_dir, "batch_tokens": batch_tokens}
+        encode_queries = CachedEncoder(emb, query_format=instruction, **options)
+        encode_documents = CachedEncoder(emb, prompt=emb.document_prompt, **options)
     except (TypeError, ValueError) as exc:
         raise QembedError(str(exc)) from None
 
@@ -256,7 +259,7 @@ def mine_hard_negatives(
         def guard(batch: list[tuple[int, list[Negative]]]) -> list[list[bool]]:
             """One chunk's candidates, all queries together, scored as one stream of pairs."""
             pairs = [(records[number].query, docs.texts[c.row]) for number, cands in batch for c in cands]
-            scores = iter(reranker.score_pairs(pairs, show_progress=False))
+            scores = iter(reranker.score_pairs(pairs, batch_tokens=batch_tokens, show_progress=False))
             return [[next(scores) <= reranker_max_score for _ in cands] for _, cands in batch]
 
     stats = MiningStats()

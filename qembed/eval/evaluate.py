@@ -46,6 +46,7 @@ def evaluate(
     output: str | Path | None = None,
     cache_dir: str | Path | None = None,
     cache: bool = True,
+    batch_tokens: int | None = None,
     device: str | None = None,
     show_progress: bool | None = None,
 ) -> list[dict]:
@@ -55,7 +56,8 @@ def evaluate(
     `MODEL_DEFAULT`, `None` (bare queries), an instruction text or a `QueryFormat` — or a list of these to
     compare side by side. `reranker`: a name/path or `Reranker` that reorders each query's top `rerank_top`
     candidates. `index`: an `open_index` spec (`faiss`, `hnsw`, `milvus:PATH.db`, `milvus:http://HOST:PORT`).
-    `cache=False` keeps vectors in memory only (for weights that change, as in training). Metrics are
+    `cache=False` keeps vectors in memory only (for weights that change, as in training). `batch_tokens`:
+    padded tokens per batch for the embedders and the reranker (None: each model's measured default). Metrics are
     fractions in [0, 1] keyed `"<metric>@<k>"` (see `qembed.eval.metrics`; nDCG gain `ndcg_gain`).
     """
     from qembed.eval.report import write_outputs
@@ -81,7 +83,7 @@ def evaluate(
     if reranker is not None:
         rr = reranker if isinstance(reranker, Reranker) else Reranker.from_pretrained(reranker, device=device)
         rr_name = str(getattr(rr, "name_or_path", reranker))
-    options = {"dim": dim, "cache_dir": cache_dir, "persist": cache}
+    options = {"dim": dim, "cache_dir": cache_dir, "persist": cache, "batch_tokens": batch_tokens}
     results: list[dict] = []
     for model in models:
         started = time.perf_counter()
@@ -114,7 +116,7 @@ def evaluate(
             timings["search_s"] = time.perf_counter() - t
             if rr is not None:
                 t = time.perf_counter()
-                run = rerank_run(rr, dataset, run, rerank_top, show_progress)
+                run = rerank_run(rr, dataset, run, rerank_top, show_progress, batch_tokens=batch_tokens)
                 timings["rerank_s"] = time.perf_counter() - t
             metrics = evaluate_run(run, dataset.qrels, ks, METRICS, gain=ndcg_gain).mean
             timings["total_s"] = sum(v for key, v in timings.items() if key.endswith("_s"))
@@ -153,11 +155,11 @@ def evaluate_reranking(rr, dataset: RetrievalDataset, candidates: Mapping[str, S
 
 
 def rerank_run(rr, dataset: RetrievalDataset, run: Mapping[str, Sequence[tuple[str, float]]], top: int,
-               show_progress: bool | None = None) -> dict[str, list[str]]:  # fmt: skip
+               show_progress: bool | None = None, *, batch_tokens: int | None = None) -> dict[str, list[str]]:  # fmt: skip
     """Reorder each query's first `top` candidates by reranker score (trec_eval tie order); the rest keep their
     order below. The pairs of all queries are scored as one stream (`Reranker.score_pairs`), so batches fill."""
     pairs = [(dataset.queries[qid], dataset.doc_text(doc_id)) for qid, ranked in run.items() for doc_id, _ in ranked[:top]]
-    scores = iter(rr.score_pairs(pairs, show_progress=show_progress))
+    scores = iter(rr.score_pairs(pairs, batch_tokens=batch_tokens, show_progress=show_progress))
     reranked: dict[str, list[str]] = {}
     for qid, ranked in run.items():
         ordered = trec_order([(doc_id, next(scores)) for doc_id, _ in ranked[:top]])
