@@ -24,11 +24,20 @@ import numpy as np
 
 from qembed.data.jsonl import JsonlAppender, iter_jsonl
 from qembed.errors import QembedError
-from qembed.negatives import MiningConfig, MiningStats, QueryChunk, QueryInput, mine_chunks, text_hash
+from qembed.models.prompts import MODEL_DEFAULT, QueryFormat
+from qembed.negatives import (
+    MiningConfig,
+    MiningStats,
+    Negative,
+    QueryChunk,
+    QueryInput,
+    mine_chunks,
+    text_hash,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT = object()  # "the model's own query instruction"
+DEFAULT = MODEL_DEFAULT  # the name `qembed.cli.mine` imports
 
 
 @dataclass
@@ -162,10 +171,11 @@ def mine_hard_negatives(
     seed: int = 0,
     reranker=None,
     reranker_max_score: float | None = None,
-    instruction: str | None | object = DEFAULT,
+    instruction: QueryFormat | str | None = MODEL_DEFAULT,
     dim: int | None = None,
     index: str = "faiss",
     cache_dir: str | Path | None = None,
+    batch_tokens: int | None = None,
     chunk_size: int = 1024,
     overwrite: bool = False,
     show_progress: bool | None = None,
@@ -173,11 +183,13 @@ def mine_hard_negatives(
     """Mine hard negatives for every record of `input` and write them to `output` (JSONL).
 
     `model`/`reranker` are names/paths or loaded `Embedder`/`Reranker` objects. `relative_margin` replaces
-    the absolute `margin` when given. `instruction` defaults to the model's query instruction (None: none).
-    `index` is an index spec (`faiss`, `hnsw`, `milvus:PATH_OR_URI`). An existing `output` is resumed
+    the absolute `margin` when given. `instruction` is the query format: the model's own (`MODEL_DEFAULT`), a
+    text, a `QueryFormat`, or None (bare queries).
+    `index` is an index spec (`faiss`, `hnsw`, `milvus:PATH_OR_URI`). `batch_tokens`: padded tokens per batch
+    for the embedder and the reranker (None: each model's measured default). An existing `output` is resumed
     (records already written are skipped) unless `overwrite`.
     """
-    from qembed.eval.cache import iter_encode_with_cache
+    from qembed.eval.cache import CachedEncoder
     from qembed.index import open_index
     from qembed.models.embedder import Embedder
 
@@ -201,18 +213,17 @@ def mine_hard_negatives(
         from qembed.models.reranker import Reranker
 
         reranker = Reranker.from_pretrained(reranker)
-    doc_prompt = emb.document_prompt
-    if instruction is DEFAULT:
-        query_options = {"instruction": emb.default_instruction, "prompt": emb.query_prompt}
-    else:
-        query_options = {"instruction": instruction, "prompt": ""}
-    encode_options = {"dim": dim, "cache_dir": cache_dir, "show_progress": show_progress}
+    try:
+        options = {"dim": dim, "cache_dir": cache_dir, "batch_tokens": batch_tokens}
+        encode_queries = CachedEncoder(emb, query_format=instruction, **options)
+        encode_documents = CachedEncoder(emb, prompt=emb.document_prompt, **options)
+    except (TypeError, ValueError) as exc:
+        raise QembedError(str(exc)) from None
 
     # Corpus: encoded once (cached), streamed into the index.
     t0 = time.perf_counter()
-    vectors = iter_encode_with_cache(emb, docs.texts, prompt=doc_prompt, desc="corpus", **encode_options)
     store = None
-    for start, batch in vectors:
+    for start, batch in encode_documents.iter_chunks(docs.texts, show_progress=show_progress, desc="corpus"):
         if store is None:
             store = open_index(index, batch.shape[1], capacity=len(docs.texts), collection="qembed_mine")
         store.add(docs.ids[start : start + len(batch)], batch)
@@ -224,15 +235,12 @@ def mine_hard_negatives(
     todo = records[done:]
     missing_positive = 0
 
-    encode_queries = cached_encoder(emb, cache_dir, dim, **query_options)
-    encode_positives = cached_encoder(emb, cache_dir, dim, instruction=None, prompt=doc_prompt)
-
     def chunks():
         nonlocal missing_positive
         for begin in range(0, len(todo), chunk_size):
             part = todo[begin : begin + chunk_size]
             q = encode_queries([r.query for r in part])
-            p = encode_positives([t for r in part for t in r.pos])
+            p = encode_documents([t for r in part for t in r.pos])
             inputs, offset = [], 0
             for i, rec in enumerate(part):
                 pos_scores = p[offset : offset + len(rec.pos)] @ q[i]
@@ -248,12 +256,11 @@ def mine_hard_negatives(
     guard = None
     if reranker is not None:
 
-        def guard(number: int, cands) -> list[bool]:
-            texts = [docs.texts[c.row] for c in cands]
-            return [
-                s <= reranker_max_score
-                for s in reranker.score(records[number].query, texts, show_progress=False)
-            ]
+        def guard(batch: list[tuple[int, list[Negative]]]) -> list[list[bool]]:
+            """One chunk's candidates, all queries together, scored as one stream of pairs."""
+            pairs = [(records[number].query, docs.texts[c.row]) for number, cands in batch for c in cands]
+            scores = iter(reranker.score_pairs(pairs, batch_tokens=batch_tokens, show_progress=False))
+            return [[next(scores) <= reranker_max_score for _ in cands] for _, cands in batch]
 
     stats = MiningStats()
     t0 = time.perf_counter()
@@ -278,25 +285,6 @@ def mine_hard_negatives(
     summary_path = output.with_name(output.stem + ".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return MiningResult(output, summary, summary_path)
-
-
-def cached_encoder(emb, cache_dir, dim: int | None, *, instruction: str | None, prompt: str):
-    """`texts -> vectors` through one embedding-cache setting, opened once (not once per chunk)."""
-    from qembed.eval.cache import EmbeddingCache, text_key
-
-    cache = EmbeddingCache(cache_dir, fingerprint=emb.fingerprint, instruction=instruction, dim=dim,
-                           normalize=True, prompt=prompt)  # fmt: skip
-
-    def encode(texts: list[str]) -> np.ndarray:
-        keys = [text_key(t) for t in texts]
-        missing = {key: text for key, text in zip(keys, texts) if key not in cache}
-        if missing:
-            vectors = emb.encode(list(missing.values()), instruction=instruction, prompt=prompt, dim=dim,
-                                 show_progress=False)  # fmt: skip
-            cache.add(list(missing), vectors)
-        return cache.get(keys)
-
-    return encode
 
 
 def resume_point(output: Path, records: list[PairRecord], overwrite: bool) -> int:

@@ -130,7 +130,8 @@ def score_stats(values: list[float]) -> dict:
     return stats
 
 
-Guard = Callable[[int, list[Negative]], list[bool]]  # (query number, candidates) -> keep flags
+# [(query number, candidates), ...] of a whole chunk -> keep flags per query (one reranker stream per chunk)
+Guard = Callable[[list[tuple[int, list[Negative]]]], list[list[bool]]]
 
 
 def select_negatives(
@@ -145,6 +146,15 @@ def select_negatives(
     rng: np.random.Generator | None = None,
 ) -> list[Negative]:
     """Apply the rules to one query's ranking (`rows`/`scores` best first, -1 rows are padding)."""
+    kept = apply_rules(rows, scores, query, config, stats, row_hashes=row_hashes)
+    if guard is not None and kept:
+        kept = apply_guard(kept, guard(kept), stats)
+    return choose_negatives(kept, query, config, stats, rng=rng)
+
+
+def apply_rules(rows: np.ndarray, scores: np.ndarray, query: QueryInput, config: MiningConfig, stats: MiningStats,
+                *, row_hashes: np.ndarray | None = None) -> list[Negative]:  # fmt: skip
+    """The candidates in the rank window that no rule removes (positives, duplicates, score limits, margin)."""
     window = [
         Negative(int(r), float(s), rank)
         for rank, (r, s) in enumerate(zip(rows.tolist(), scores.tolist()))
@@ -174,10 +184,18 @@ def select_negatives(
             stats.removed[rule] += 1
         else:
             kept.append(cand)
-    if guard is not None and kept:
-        flags = guard(kept)
-        stats.removed["reranker"] += sum(1 for keep in flags if not keep)
-        kept = [cand for cand, keep in zip(kept, flags) if keep]
+    return kept
+
+
+def apply_guard(kept: list[Negative], flags: list[bool], stats: MiningStats) -> list[Negative]:
+    """The candidates a guard (a reranker) keeps; the others are counted as removed by it."""
+    stats.removed["reranker"] += sum(1 for keep in flags if not keep)
+    return [cand for cand, keep in zip(kept, flags) if keep]
+
+
+def choose_negatives(kept: list[Negative], query: QueryInput, config: MiningConfig, stats: MiningStats, *,
+                     rng: np.random.Generator | None = None) -> list[Negative]:  # fmt: skip
+    """At most `num_negatives` of the surviving candidates (the best, or a seeded random sample)."""
     if len(kept) > config.num_negatives:
         if config.sampling == "random":
             rng = rng if rng is not None else np.random.default_rng(config.seed)
@@ -219,22 +237,17 @@ def mine_chunks(
     with tqdm(total=total, desc="mining", unit="query", disable=disable, dynamic_ncols=True) as bar:
         for chunk in chunks:
             rows, scores = index.search_rows(chunk.vectors, config.range_max)
+            kept = [apply_rules(rows[i], scores[i], query, config, stats, row_hashes=row_hashes)
+                    for i, query in enumerate(chunk.queries)]  # fmt: skip
+            if guard is not None:
+                asked = [i for i, cands in enumerate(kept) if cands]
+                flags = guard([(chunk.start + i, kept[i]) for i in asked]) if asked else []
+                for i, keep in zip(asked, flags):
+                    kept[i] = apply_guard(kept[i], keep, stats)
             selected = []
             for i, query in enumerate(chunk.queries):
                 number = chunk.start + i
                 rng = np.random.default_rng([config.seed, number]) if config.sampling == "random" else None
-                query_guard = (lambda cands, n=number: guard(n, cands)) if guard is not None else None
-                selected.append(
-                    select_negatives(
-                        rows[i],
-                        scores[i],
-                        query,
-                        config,
-                        stats,
-                        row_hashes=row_hashes,
-                        guard=query_guard,
-                        rng=rng,
-                    )  # fmt: skip
-                )
+                selected.append(choose_negatives(kept[i], query, config, stats, rng=rng))
             bar.update(len(chunk.queries))
             yield chunk, selected

@@ -249,3 +249,49 @@ def test_st_prompts_and_cls_pooling_follow_the_model_files(minilm_path, tmp_path
     want_d = st.encode(SENTENCES, prompt_name="document", normalize_embeddings=True)
     assert (ours.encode_queries(SENTENCES) * want_q).sum(axis=1).min() >= 0.99999
     assert (ours.encode_documents(SENTENCES) * want_d).sum(axis=1).min() >= 0.99999
+
+
+def test_query_format_values(embedder):
+    from qembed.models.prompts import MODEL_DEFAULT, QueryFormat
+
+    default = embedder.encode_queries(TEXTS[:3])
+    np.testing.assert_array_equal(embedder.encode_queries(TEXTS[:3], instruction=MODEL_DEFAULT), default)
+    np.testing.assert_array_equal(embedder.encode(TEXTS[:3], instruction=MODEL_DEFAULT), default)
+    assert embedder.resolve_query_format(MODEL_DEFAULT) == QueryFormat("instruction", DEFAULT_QUERY_INSTRUCTION)
+    raw = QueryFormat("prompt", f"Instruct: {DEFAULT_QUERY_INSTRUCTION}\nQuery:")
+    np.testing.assert_array_equal(embedder.encode_queries(TEXTS[:3], instruction=raw), default)
+    np.testing.assert_array_equal(embedder.encode_queries(TEXTS[:3], instruction=QueryFormat("none")),
+                                  embedder.encode(TEXTS[:3]))  # fmt: skip
+
+
+def test_last_token_models_truncate_while_tokenising(tiny_embedder_path):
+    embedder = Embedder.from_pretrained(tiny_embedder_path, max_length=16)
+    produced = []
+    tokenizer = embedder.tokenizer
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            out = tokenizer(*args, **kwargs)
+            produced.extend(len(ids) for ids in out["input_ids"])
+            return out
+
+    embedder.tokenizer = Spy()
+    ids = embedder.prepare(["word " * 5000, "short"])
+    assert [len(row) for row in ids] == [16, 2] and ids[0][-1] == EOT
+    assert max(produced) <= 16  # the tokenizer never hands back the 5,000-token text
+
+
+def test_batch_budget_defaults_to_the_model_family(embedder, minilm, monkeypatch):
+    import qembed.models.embedder as module
+
+    budgets = []
+    real = module.token_budget_batches
+    monkeypatch.setattr(module, "token_budget_batches", lambda lengths, budget: budgets.append(budget) or real(lengths, budget))
+    for model in (embedder, minilm):
+        model.encode(["a text"])
+        model.encode(["a text"], batch_tokens=300)
+    assert budgets == [embedder.default_batch_tokens, 300, minilm.default_batch_tokens, 300]
+    assert minilm.default_batch_tokens < embedder.default_batch_tokens  # small encoder on CPU: small batches

@@ -6,26 +6,45 @@ import hashlib
 
 import numpy as np
 
-from qembed.eval.cache import EmbeddingCache, default_cache_dir, encode_with_cache, iter_encode_with_cache
+from qembed.eval.cache import (
+    CachedEncoder,
+    EmbeddingCache,
+    cache_key,
+    default_cache_dir,
+    encode_with_cache,
+    iter_encode_with_cache,
+)
+from qembed.models.embedder import truncate_and_normalize
+from qembed.models.prompts import DEFAULT_QUERY_INSTRUCTION, MODEL_DEFAULT, QueryFormat
 
 
 class CountingEmbedder:
-    """Deterministic fake: a vector derived from the text's hash, recording every text it encodes."""
+    """Deterministic fake with the Embedder's cache-facing interface: a vector derived from the hash of the
+    formatted text, recording every text it encodes and every call."""
 
-    def __init__(self, fingerprint="fake-1", dim=8):
-        self.fingerprint = fingerprint
+    def __init__(self, fingerprint="fake-1", dim=8, dtype="float32", device="cpu"):
+        self.cache_identity = {"fingerprint": fingerprint, "dtype": dtype, "device": device}
         self.hidden = dim
         self.encoded: list[str] = []
         self.calls: list[dict] = []
 
-    def encode(self, texts, *, instruction=None, dim=None, normalize=True, show_progress=None, prompt=""):
+    def resolve_query_format(self, instruction, prompt=""):
+        fmt = QueryFormat.of(instruction, prompt)
+        return QueryFormat("prompt", "query: ") if fmt == MODEL_DEFAULT else fmt
+
+    def _check_dim(self, dim):
+        assert 1 <= dim <= self.hidden
+
+    def encode(self, texts, *, instruction=None, dim=None, normalize=True, batch_tokens=None, show_progress=None,
+               prompt=""):  # fmt: skip
+        prefix = self.resolve_query_format(instruction, prompt).prefix
         self.encoded += texts
-        self.calls.append({"instruction": instruction, "dim": dim, "prompt": prompt})
+        self.calls.append({"prefix": prefix, "dim": dim, "normalize": normalize, "n": len(texts)})
         rows = []
         for text in texts:
-            seed = int.from_bytes(hashlib.md5(f"{instruction}|{prompt}|{text}".encode()).digest()[:4], "little")
-            rows.append(np.random.default_rng(seed).standard_normal(dim or self.hidden))
-        return np.asarray(rows, dtype=np.float32)
+            seed = int.from_bytes(hashlib.md5(f"{prefix}{text}".encode()).digest()[:4], "little")
+            rows.append(np.random.default_rng(seed).standard_normal(self.hidden))
+        return truncate_and_normalize(np.asarray(rows, dtype=np.float32), dim, normalize)
 
 
 def test_second_run_encodes_nothing_and_changed_text_only_it(tmp_path):
@@ -48,19 +67,66 @@ def test_second_run_encodes_nothing_and_changed_text_only_it(tmp_path):
     np.testing.assert_array_equal(third, CountingEmbedder().encode(changed))  # same as encoding fresh
 
 
-def test_key_includes_model_instruction_dim_and_prompt(tmp_path):
+def test_key_is_model_dtype_device_and_query_format(tmp_path):
     texts = ["a", "b"]
     emb = CountingEmbedder()
     encode_with_cache(emb, texts, cache_dir=tmp_path)
-    for kwargs in [{"instruction": "find it"}, {"dim": 4}, {"prompt": "passage: "}, {"normalize": False}]:
+    for kwargs in [{"instruction": "find it"}, {"prompt": "passage: "}, {"instruction": MODEL_DEFAULT}]:
         emb.encoded.clear()
         encode_with_cache(emb, texts, cache_dir=tmp_path, **kwargs)
         assert emb.encoded == texts, kwargs
-    other = CountingEmbedder(fingerprint="fake-2")
-    encode_with_cache(other, texts, cache_dir=tmp_path)
-    assert other.encoded == texts
-    assert emb.calls[-1] == {"instruction": None, "dim": None, "prompt": ""}
-    assert {"instruction": None, "dim": None, "prompt": "passage: "} in emb.calls
+    # bf16 vectors are never reused by an fp32 run, nor GPU vectors by a CPU run, nor another model's.
+    for other in [CountingEmbedder(dtype="bfloat16"), CountingEmbedder(device="cuda"), CountingEmbedder("fake-2")]:
+        encode_with_cache(other, texts, cache_dir=tmp_path)
+        assert other.encoded == texts, other.cache_identity
+    # One format value: an instruction and the raw prompt it expands to are the same inputs, hence one entry;
+    # MODEL_DEFAULT is resolved (here to the prompt "query: ") before it keys anything.
+    emb.encoded.clear()
+    encode_with_cache(emb, texts, cache_dir=tmp_path, instruction=QueryFormat("prompt", "Instruct: find it\nQuery:"))
+    encode_with_cache(emb, texts, cache_dir=tmp_path, instruction=QueryFormat("prompt", "query: "))
+    assert emb.encoded == []
+    assert cache_key(emb, QueryFormat("instruction", "x")) == {**emb.cache_identity, "prefix": "Instruct: x\nQuery:"}
+
+
+def test_only_full_vectors_are_cached_and_dims_are_derived(tmp_path):
+    texts = [f"text {i}" for i in range(20)]
+    emb = CountingEmbedder()
+    full = encode_with_cache(emb, texts, cache_dir=tmp_path, normalize=False)
+    emb.encoded.clear()
+    for dim, normalize in [(4, True), (6, False), (None, True)]:
+        got = encode_with_cache(emb, texts, cache_dir=tmp_path, dim=dim, normalize=normalize)
+        np.testing.assert_array_equal(got, CountingEmbedder().encode(texts, dim=dim, normalize=normalize))
+        np.testing.assert_array_equal(got, truncate_and_normalize(full, dim, normalize))
+    assert emb.encoded == []
+    assert all(call["dim"] is None and call["normalize"] is False for call in emb.calls)
+
+
+def test_whole_chunks_go_to_the_encoder(tmp_path):
+    emb = CountingEmbedder()
+    encode_with_cache(emb, [f"t{i}" for i in range(700)], cache_dir=tmp_path)
+    assert [call["n"] for call in emb.calls] == [700]  # one call: token-budget batches can fill
+
+
+def test_real_embedder_dims_formats_and_dtypes(tiny_embedder_path, tmp_path, one_torch_thread):
+    """The tiny Qwen3 model: cached vectors equal `encode`'s exactly for every dim; MODEL_DEFAULT is the
+    model's instruction; a bf16 model on the same cache folder encodes everything afresh."""
+    import torch
+
+    from qembed import Embedder
+
+    emb = Embedder.from_pretrained(tiny_embedder_path, dtype=torch.float32)
+    texts = ["rice blast", "maize rust in wet weather", "水稻稻瘟病", ""]
+    queries = CachedEncoder(emb, query_format=MODEL_DEFAULT, cache_dir=tmp_path)
+    np.testing.assert_array_equal(queries(texts), emb.encode_queries(texts))
+    for dim in (32, 48):
+        derived = CachedEncoder(emb, query_format=DEFAULT_QUERY_INSTRUCTION, dim=dim, cache_dir=tmp_path)
+        np.testing.assert_array_equal(derived(texts), emb.encode_queries(texts, dim=dim))
+        assert derived.stats.encoded == 0 and derived.stats.hits == len(texts)
+    half = Embedder.from_pretrained(tiny_embedder_path, dtype=torch.bfloat16)
+    assert half.cache_identity != emb.cache_identity and half.cache_identity["dtype"] == "bfloat16"
+    again = CachedEncoder(half, query_format=MODEL_DEFAULT, cache_dir=tmp_path)
+    again(texts)
+    assert again.stats.encoded == len(texts)
 
 
 def test_duplicates_in_a_batch_are_encoded_once(tmp_path):
@@ -91,7 +157,7 @@ def test_streaming_reads_lazily_and_yields_in_order(tmp_path):
 def test_killed_run_partial_shard_is_ignored(tmp_path):
     emb = CountingEmbedder()
     encode_with_cache(emb, ["a", "b"], cache_dir=tmp_path)
-    cache = EmbeddingCache(tmp_path, fingerprint="fake-1", instruction=None, dim=None, normalize=True)
+    cache = EmbeddingCache(tmp_path, cache_key(emb, QueryFormat("none")))
     # A run killed mid-shard: vectors written, keys never renamed in; plus a stray temporary file.
     (cache.path / "99999999999999999999-1.vec.npy").write_bytes(b"\x93NUMPY partial")
     (cache.path / ".99999999999999999999-1.keys.npy.1.tmp").write_bytes(b"junk")

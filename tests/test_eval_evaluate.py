@@ -10,7 +10,7 @@ import pytest
 
 from qembed.cli import main
 from qembed.data.beir import RetrievalDataset, write_beir
-from qembed.eval import MODEL_DEFAULT, evaluate
+from qembed.eval import MODEL_DEFAULT, QueryFormat, evaluate
 from qembed.eval.metrics import evaluate_run
 
 TOPICS = ["rice blast", "maize rust", "wheat aphids", "soybean cyst", "potato blight", "apple scab",
@@ -88,6 +88,16 @@ def test_cli_end_to_end_with_reranker_and_instruction_modes(tiny_dataset, tiny_e
     # Reranking the top 5 reorders within them only: recall@5 and recall@10 are unchanged by it.
     assert entries[1]["metrics"]["recall@5"] == pytest.approx(plain["recall@5"], abs=1e-6)
 
+    # nDCG's gain is linear by default (trec_eval, BEIR, MTEB); --ndcg-gain exponential keeps the other.
+    assert entries[1]["ndcg_gain"] == "linear"
+    assert main(["eval", "--model", str(tiny_embedder_path), "--dataset", str(tiny_dataset), "--no-instruction",
+                 "--ndcg-gain", "exponential", "--k", "5,10", "--cache-dir", str(cache), "--output", str(tmp_path / "exp")]) == 0  # fmt: skip
+    exponential = json.loads((tmp_path / "exp" / "metrics.json").read_text())[0]
+    want = evaluate_run(run, ds.qrels, (5, 10), gain="exponential").mean
+    assert exponential["ndcg_gain"] == "exponential"
+    assert exponential["metrics"]["ndcg@10"] == pytest.approx(want["ndcg@10"], abs=1e-6)
+    assert exponential["metrics"]["ndcg@10"] != pytest.approx(evaluate_run(run, ds.qrels, (10,)).mean["ndcg@10"], abs=1e-4)
+
 
 def test_changed_document_reencodes_only_it(tiny_dataset, tiny_embedder_path, tmp_path):
     from qembed import Embedder
@@ -100,9 +110,51 @@ def test_changed_document_reencodes_only_it(tiny_dataset, tiny_embedder_path, tm
     second = evaluate(emb, ds, cache_dir=tmp_path, k=(5,))
     assert second[0]["timings"]["corpus_encoded"] == 1 and second[0]["timings"]["queries_encoded"] == 0
     # The default instruction and a given text are different settings; the same text twice is one run.
-    runs = evaluate(emb, ds, instruction=[MODEL_DEFAULT, "Find the answer", "Find the answer"], cache_dir=tmp_path,
-                    k=(5,))  # fmt: skip
+    # The query format written out as a raw prompt is the same format again: one run.
+    same = QueryFormat("prompt", f"Instruct: {emb.default_instruction}\nQuery:")
+    runs = evaluate(emb, ds, instruction=[MODEL_DEFAULT, "Find the answer", "Find the answer", same],
+                    cache_dir=tmp_path, k=(5,))  # fmt: skip
     assert [r["instruction"] for r in runs] == [emb.default_instruction, "Find the answer"]
+    assert [r["query_format"] for r in runs] == ["instruction", "instruction"]
+
+
+def test_results_are_written_after_each_model(tiny_dataset, tiny_embedder_path, tmp_path):
+    from qembed.errors import QembedError
+
+    with pytest.raises(QembedError):
+        evaluate([str(tiny_embedder_path), str(tmp_path / "missing-model")], tiny_dataset, k=(5,),
+                 cache_dir=tmp_path / "c", output=tmp_path / "out")  # fmt: skip
+    kept = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [entry["model"] for entry in kept] == [str(tiny_embedder_path)]
+    assert "recall@5" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_reranker_runs_across_queries_and_training_uses_the_engine(tiny_dataset, tiny_embedder_path,
+                                                                    tiny_reranker_path, tmp_path, monkeypatch):  # fmt: skip
+    from qembed import Embedder, Reranker
+    from qembed.train.embedder import evaluate_embedder
+    from qembed.train.reranker import evaluate_reranker
+
+    emb, rr = Embedder.from_pretrained(tiny_embedder_path), Reranker.from_pretrained(tiny_reranker_path)
+    ds = RetrievalDataset.load(tiny_dataset)
+    calls = []
+    real = rr.score_pairs
+    monkeypatch.setattr(rr, "score_pairs", lambda pairs, **kw: calls.append(len(pairs)) or real(pairs, **kw))
+    monkeypatch.setattr(rr, "score", None)  # not once per query
+    evaluate(emb, ds, reranker=rr, rerank_top=5, k=(5,), cache_dir=tmp_path)
+    assert calls == [8 * 5]
+    calls.clear()
+    metrics = evaluate_reranker(rr, ds, num_candidates=4)
+    assert calls == [8 * 4] and {"ndcg@10", "recall@5", "mrr@1"} <= set(metrics)
+
+    # Training evaluation: the same engine, nothing written to any cache (the weights change between calls).
+    monkeypatch.setenv("QEMBED_CACHE", str(tmp_path / "must-stay-empty"))
+    emb.model.train()
+    got = evaluate_embedder(emb, ds)
+    assert emb.model.training  # restored
+    want = evaluate(emb, ds, k=(1, 5, 10, 100), cache_dir=tmp_path)[0]["metrics"]
+    assert got == {key: value for key, value in want.items() if key.split("@")[0] in ("ndcg", "recall", "mrr")}
+    assert not (tmp_path / "must-stay-empty").exists()
 
 
 @pytest.mark.parametrize(
@@ -129,7 +181,8 @@ def test_bad_input_one_line_error(tiny_dataset, tiny_embedder_path, tmp_path, ca
 
 @pytest.mark.slow
 def test_nfcorpus_minilm_matches_published_and_backends_agree(shared_dir, minilm_path, tmp_path):
-    """all-MiniLM-L6-v2 on NFCorpus test, plain title+text, exact search: nDCG@10 = 31.7 +- 0.3 (MTEB: 31.59).
+    """all-MiniLM-L6-v2 on NFCorpus test, plain title+text, exact search, linear gain (trec_eval):
+    nDCG@10 = 31.67 +- 0.3 (MTEB leaderboard: 31.59).
     FAISS and Milvus Lite give the same metrics; the second backend reuses the cached embeddings."""
     from qembed import Embedder
 
@@ -137,7 +190,8 @@ def test_nfcorpus_minilm_matches_published_and_backends_agree(shared_dir, minilm
     dataset = RetrievalDataset.load(shared_dir / "data" / "nfcorpus", split="test")
     faiss_run = evaluate(emb, dataset, index="faiss", cache_dir=tmp_path / "cache", output=tmp_path / "faiss")[0]
     assert faiss_run["num_queries"] == 323 and faiss_run["num_docs"] == 3633
-    assert abs(100 * faiss_run["metrics"]["ndcg@10"] - 31.7) <= 0.3, faiss_run["metrics"]["ndcg@10"]
+    assert faiss_run["ndcg_gain"] == "linear"
+    assert abs(100 * faiss_run["metrics"]["ndcg@10"] - 31.67) <= 0.3, faiss_run["metrics"]["ndcg@10"]
 
     milvus_run = evaluate(emb, dataset, index=f"milvus:{tmp_path / 'nf.db'}", cache_dir=tmp_path / "cache")[0]
     assert milvus_run["timings"]["corpus_encoded"] == 0 and milvus_run["timings"]["queries_encoded"] == 0

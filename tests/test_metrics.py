@@ -22,15 +22,16 @@ def test_hand_computed_single_query():
     assert m["mrr@1"] == 1.0
     assert m["map@3"] == pytest.approx((1 / 1 + 2 / 3) / 4)
     assert m["map@5"] == pytest.approx((1 / 1 + 2 / 3 + 3 / 5) / 4)
-    # Exponential gain: grade 2 -> 3, grade 1 -> 1. Discounts log2(rank + 1).
-    dcg5 = 3 / math.log2(2) + 1 / math.log2(4) + 3 / math.log2(6)
-    idcg5 = 3 / math.log2(2) + 3 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(5)
-    assert m["ndcg@5"] == pytest.approx(dcg5 / idcg5)
-    assert m["ndcg@1"] == pytest.approx(1.0)
-    linear = evaluate_run(run, qrels, ks=[5], metrics=["ndcg"], gain="linear").mean
+    # Linear gain by default (trec_eval, BEIR, MTEB): the grade itself. Discounts log2(rank + 1).
     dcg5_lin = 2 / math.log2(2) + 1 / math.log2(4) + 2 / math.log2(6)
     idcg5_lin = 2 / math.log2(2) + 2 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(5)
-    assert linear["ndcg@5"] == pytest.approx(dcg5_lin / idcg5_lin)
+    assert m["ndcg@5"] == pytest.approx(dcg5_lin / idcg5_lin)
+    assert m["ndcg@1"] == pytest.approx(1.0)
+    # Exponential gain on request: grade 2 -> 3, grade 1 -> 1.
+    exponential = evaluate_run(run, qrels, ks=[5], metrics=["ndcg"], gain="exponential").mean
+    dcg5 = 3 / math.log2(2) + 1 / math.log2(4) + 3 / math.log2(6)
+    idcg5 = 3 / math.log2(2) + 3 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(5)
+    assert exponential["ndcg@5"] == pytest.approx(dcg5 / idcg5)
 
 
 def test_mrr_and_missing_query_and_mean():
@@ -50,10 +51,17 @@ def test_mrr_and_missing_query_and_mean():
     assert r.mean["recall@2"] == pytest.approx((0 + 1 + 0) / 3)
 
 
-def test_ties_broken_by_doc_id():
-    assert rank_documents([("b", 1.0), ("a", 1.0), ("c", 2.0)]) == ["c", "a", "b"]
-    assert rank_documents({"b": 0.5, "a": 0.5}) == ["a", "b"]
+def test_ties_broken_as_trec_eval_does():
+    # Equal scores: doc id descending; scores equal as float32 are ties too.
+    assert rank_documents([("b", 1.0), ("a", 1.0), ("c", 2.0)]) == ["c", "b", "a"]
+    assert rank_documents({"a": 0.5, "b": 0.5}) == ["b", "a"]
+    assert rank_documents({"a": 1.00000001, "b": 1.0}) == ["b", "a"]
+    assert rank_documents({"a": 1.000001, "b": 1.0}) == ["a", "b"]
     assert rank_documents(["z", "a"]) == ["z", "a"]
+    qrels = {"q": {"a": 1}}
+    for run in ({"q": {"a": 1.0, "b": 1.0}}, {"q": {"a": 1.00000001, "b": 1.0}}, {"q": {"a": 1.0, "b": 0.5}}):
+        ref = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(run)["q"]["recip_rank"]
+        assert evaluate_run(run, qrels, ks=[10], metrics=["mrr"]).mean["mrr@10"] == pytest.approx(ref)
 
 
 def test_bad_arguments():
@@ -76,10 +84,10 @@ def test_agrees_with_pytrec_eval_on_random_runs(seed):
         qrels[qid] = {d: rng.choice([0, 0, 1, 2, 3]) for d in judged}
         qrels[qid][rng.choice(judged)] = rng.randint(1, 3)  # at least one relevant
         retrieved = rng.sample(docs, rng.randint(0, 50))
-        scores = rng.sample(range(10_000), len(retrieved))  # distinct: trec_eval breaks ties differently
-        run[qid] = [(d, s / 10_000) for d, s in zip(retrieved, scores)]
+        scores = [rng.randrange(20) for _ in retrieved]  # many ties: broken as trec_eval breaks them
+        run[qid] = [(d, s / 20) for d, s in zip(retrieved, scores)]
     ks = [1, 3, 5, 10, 20]
-    mine = evaluate_run(run, qrels, ks=ks, gain="linear")
+    mine = evaluate_run(run, qrels, ks=ks)
     mine_exp = evaluate_run(run, qrels, ks=ks, metrics=["ndcg"], gain="exponential")
 
     measures = {"ndcg_cut." + ",".join(map(str, ks)), "recall." + ",".join(map(str, ks)),
@@ -108,7 +116,7 @@ def test_agrees_with_pytrec_eval_on_random_runs(seed):
     for k in ks:
         cut = {}
         for qid in evaluated:
-            top = sorted(run[qid], key=lambda p: -p[1])[:k]
+            top = [(d, s) for d, s in run[qid] if d in rank_documents(run[qid])[:k]]
             cut[qid] = {d: s for d, s in top}
         rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
         for qid in evaluated:

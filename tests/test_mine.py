@@ -169,8 +169,12 @@ def test_reranker_guard_drops_what_it_should(nf_slice, emb, cache, tmp_path, tin
     rr_scores = [reranker.score(r["query"], r["neg"]) for r in survivors]
     ordered = np.unique(np.concatenate(rr_scores))
     threshold = float(ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2  # between two scores
+    calls = []
+    score_pairs = reranker.score_pairs
+    reranker.score_pairs = lambda batch, **kw: calls.append(len(batch)) or score_pairs(batch, **kw)
     result = mine_hard_negatives(emb, pairs, tmp_path / "guarded.jsonl", num_negatives=3, reranker=reranker,
                                  reranker_max_score=threshold, **common)  # fmt: skip
+    assert calls == [sum(len(r["neg"]) for r in survivors)]  # all 6 queries' candidates in one stream
     guarded = read_jsonl(tmp_path / "guarded.jsonl")
     dropped = 0
     for full, scores, rec in zip(survivors, rr_scores, guarded):

@@ -1,3 +1,5 @@
+import pytest
+
 from qembed.models import prompts
 
 
@@ -21,3 +23,22 @@ def test_reranker_prompt_is_exact():
         "<Instruct>: I\n<Query>: Q\n<Document>: D<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     )
     assert "<Instruct>: " + prompts.DEFAULT_RERANK_INSTRUCTION in prompts.format_rerank_pair("Q", "D", None)
+
+
+def test_one_query_format_value():
+    from qembed.models.prompts import MODEL_DEFAULT, NO_INSTRUCTION, QueryFormat
+
+    assert QueryFormat.of("Find it") == QueryFormat("instruction", "Find it")
+    assert QueryFormat.of("Find it").prefix == "Instruct: Find it\nQuery:"
+    assert QueryFormat.of(None) == QueryFormat.of("") == NO_INSTRUCTION and NO_INSTRUCTION.prefix == ""
+    assert QueryFormat.of(None, "query: ") == QueryFormat("prompt", "query: ")
+    assert QueryFormat.of(MODEL_DEFAULT) is MODEL_DEFAULT and repr(MODEL_DEFAULT) == "MODEL_DEFAULT"
+    assert QueryFormat.of("Find it").label == "Find it" and NO_INSTRUCTION.label is None
+    with pytest.raises(ValueError, match="resolved"):
+        _ = MODEL_DEFAULT.prefix
+    with pytest.raises(ValueError):
+        QueryFormat("instruction", "")
+    with pytest.raises(ValueError):
+        QueryFormat("sometimes")
+    with pytest.raises(TypeError):
+        QueryFormat.of(3)

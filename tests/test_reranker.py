@@ -191,3 +191,29 @@ def test_causal_lm_without_yes_no_tokens_is_refused(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<unk>").save_pretrained(folder)
     with pytest.raises(QembedError, match=r"'yes'.*'no'"):
         Reranker.from_pretrained(folder)
+
+
+def test_score_pairs_across_queries_is_one_stream(reranker, monkeypatch):
+    other = "Which crops suffer from aphids?"
+    per_query = reranker.score(QUERY, DOCS) + reranker.score(other, DOCS[:2])
+    forwards = []
+    real = reranker.forward_logits
+    monkeypatch.setattr(reranker, "forward_logits", lambda batch: forwards.append(len(batch["input_ids"])) or real(batch))
+    pairs = [(QUERY, d) for d in DOCS] + [(other, d) for d in DOCS[:2]]
+    assert reranker.score_pairs(pairs) == pytest.approx(per_query, abs=1e-5)
+    assert sum(forwards) == 6 and len(forwards) < 6  # pairs of both queries share batches
+    assert reranker.score_pairs([]) == []
+    with pytest.raises(TypeError, match=r"pairs\[1\] document is int"):
+        reranker.score_pairs([(QUERY, "ok"), (QUERY, 3)])
+
+
+def test_yes_no_logits_in_float32_under_bf16(tiny_reranker_path):
+    rr = Reranker.from_pretrained(tiny_reranker_path, dtype=torch.bfloat16)
+    batch = rr.collate(rr.prepare_pairs(QUERY, DOCS))
+    with torch.inference_mode():
+        hidden = rr.model.get_decoder()(**batch).last_hidden_state[:, -1]
+        weight = rr.model.get_output_embeddings().weight[[rr.no_id, rr.yes_id]]
+        want = hidden.float() @ weight.float().T
+        got = rr.forward_logits(batch)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want[:, 1] - want[:, 0], rtol=0, atol=1e-6)

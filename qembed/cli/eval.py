@@ -24,6 +24,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--index", default="faiss", help="faiss (exact, default) | hnsw[:m=32,ef_search=128] | milvus:PATH.db | milvus:URI")
     p.add_argument("--reranker", metavar="R", help="reranker model that reorders the top candidates")
     p.add_argument("--rerank-top", type=int, default=100, help="candidates per query given to the reranker (default: 100)")
+    p.add_argument("--ndcg-gain", choices=["linear", "exponential"], default="linear",
+                   help="nDCG gain: linear (trec_eval, BEIR, MTEB; default) or exponential (2^grade - 1)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="embedding cache (default: $QEMBED_CACHE or ~/.cache/qembed/embeddings)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(
         args.model, args.dataset, split=args.split, instruction=parse_instruction_settings(args), dim=args.dim,
         k=parse_ks(args.k), index=args.index, reranker=args.reranker, rerank_top=args.rerank_top,
-        output=args.output, cache_dir=args.cache_dir, device=args.device,
+        ndcg_gain=args.ndcg_gain, output=args.output, cache_dir=args.cache_dir, device=args.device,
     )  # fmt: skip
     first = results[0]
     print(f"{first['dataset']} ({first['split']}): {first['num_queries']} queries, {first['num_docs']} documents")

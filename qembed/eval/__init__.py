@@ -1,5 +1,5 @@
 """Retrieval evaluation: metrics, the embedding cache, `evaluate` and its report."""
 
-from qembed.eval.evaluate import MODEL_DEFAULT, evaluate
+from qembed.eval.evaluate import MODEL_DEFAULT, QueryFormat, evaluate
 
-__all__ = ["MODEL_DEFAULT", "evaluate"]
+__all__ = ["MODEL_DEFAULT", "QueryFormat", "evaluate"]

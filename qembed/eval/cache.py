@@ -1,7 +1,10 @@
-"""On-disk embedding cache, so a second evaluation (another reranker, another k list) does not re-encode.
+"""On-disk embedding cache, so a second evaluation (another reranker, another k list, another `--dim`) does
+not re-encode.
 
-Layout: `<cache root>/<key>/` per (model fingerprint, instruction, dim, normalize), holding `meta.json`
-and append-only shards `<name>.vec.npy` (float32 rows) + `<name>.keys.npy` (sha1 of each row's text, uint8).
+Layout: `<cache root>/<key>/` per (model fingerprint, dtype, device type, query-format prefix), holding
+`meta.json` and append-only shards `<name>.vec.npy` (full-size, unnormalised float32 rows) +
+`<name>.keys.npy` (sha1 of each row's text, uint8). Matryoshka sizes and normalisation are derived on reading
+(`truncate_and_normalize`, exactly what `Embedder.encode` does), so one shard serves every `dim`.
 A shard counts only once both files exist with the same row count; each file is written to a temporary
 name and renamed, the keys last, so a run killed mid-write leaves nothing that is read back.
 """
@@ -21,10 +24,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from qembed.models.embedder import truncate_and_normalize
+from qembed.models.prompts import QueryFormat
+
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 20  # sha1 digest, stored as uint8 rows (numpy bytes strings would drop trailing zero bytes)
-SUB_BATCH = 128  # texts per encode call inside a chunk (the progress bar moves at this pace)
+CHUNK_SIZE = 1024  # texts per encode call: large enough for full token-budget batches, small enough to resume
 
 
 def default_cache_dir() -> Path:
@@ -44,21 +50,27 @@ class CacheStats:
     encoded: int = 0
 
 
-class EmbeddingCache:
-    """Vectors of one (model fingerprint, instruction or prompt, dim, normalize) setting, looked up by text hash."""
+def cache_key(embedder, query_format: QueryFormat) -> dict:
+    """What identifies a cached vector besides its text: the model's weights, dtype and device type
+    (`embedder.cache_identity`) and the exact prefix the (resolved) query format puts before the text."""
+    return {**embedder.cache_identity, "prefix": query_format.prefix}
 
-    def __init__(self, root: str | Path | None, *, fingerprint: str, instruction: str | None,
-                 dim: int | None, normalize: bool, prompt: str = "") -> None:
-        meta = {"fingerprint": fingerprint, "instruction": instruction, "dim": dim, "normalize": normalize}
-        if prompt:
-            meta["prompt"] = prompt
-        digest = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
-        self.path = Path(root or default_cache_dir()) / digest
-        self.path.mkdir(parents=True, exist_ok=True)
-        if not (self.path / "meta.json").exists():
-            _atomic_write(self.path / "meta.json", json.dumps(meta, indent=1).encode())
+
+class EmbeddingCache:
+    """Full-size vectors of one `cache_key`, looked up by text hash; `persist=False` keeps them in memory only."""
+
+    def __init__(self, root: str | Path | None, key: dict, *, persist: bool = True) -> None:
+        self.persist = persist
+        self.path: Path | None = None
         self._where: dict[bytes, tuple[int, int]] = {}  # key -> (shard number, row)
         self._shards: list[np.ndarray] = []
+        if not persist:
+            return
+        meta = json.dumps(key, sort_keys=True, ensure_ascii=False)
+        self.path = Path(root or default_cache_dir()) / hashlib.sha1(meta.encode()).hexdigest()[:24]
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path / "meta.json").exists():
+            _atomic_write(self.path / "meta.json", json.dumps(key, indent=1, ensure_ascii=False).encode())
         for keys_path in sorted(self.path.glob("*.keys.npy")):
             self._open_shard(keys_path)
 
@@ -69,7 +81,7 @@ class EmbeddingCache:
         return key in self._where
 
     def get(self, keys: list[bytes]) -> np.ndarray:
-        """Vectors for keys that are all in the cache, in order."""
+        """Stored (full-size, unnormalised) vectors for keys that are all in the cache, in order."""
         out = None
         for i, key in enumerate(keys):
             shard, row = self._where[key]
@@ -85,6 +97,9 @@ class EmbeddingCache:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         assert len(keys) == len(vectors)
+        if not self.persist:
+            self._index_shard(vectors, np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, KEY_BYTES))
+            return
         name = f"{time.time_ns():020d}-{os.getpid()}"
         _atomic_write(self.path / f"{name}.vec.npy", _npy_bytes(vectors))
         keys_path = self.path / f"{name}.keys.npy"
@@ -102,6 +117,9 @@ class EmbeddingCache:
         if keys.dtype != np.uint8 or keys.shape[1:] != (KEY_BYTES,) or vectors.ndim != 2 or len(vectors) != len(keys):
             log.warning("embedding cache: ignoring inconsistent shard %s", keys_path.name)
             return
+        self._index_shard(vectors, keys)
+
+    def _index_shard(self, vectors: np.ndarray, keys: np.ndarray) -> None:
         number = len(self._shards)
         self._shards.append(vectors)
         data = keys.tobytes()
@@ -109,72 +127,81 @@ class EmbeddingCache:
             self._where[data[row * KEY_BYTES : (row + 1) * KEY_BYTES]] = (number, row)
 
 
-def iter_encode_with_cache(
-    embedder,
-    texts: Iterable[str],
-    *,
-    instruction: str | None = None,
-    prompt: str = "",
-    dim: int | None = None,
-    normalize: bool = True,
-    cache_dir: str | Path | None = None,
-    chunk_size: int = 4096,
-    total: int | None = None,
-    show_progress: bool | None = None,
-    desc: str = "encoding",
-    stats: CacheStats | None = None,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield `(start, vectors)` for consecutive chunks of `texts`, encoding only texts not yet cached.
+class CachedEncoder:
+    """`texts -> vectors` for one embedder and query format through the embedding cache (opened once).
 
-    `texts` may be any iterable (it is read one chunk at a time), so a corpus can be indexed as its
-    vectors come without holding all texts or vectors in memory. Encoded vectors are appended to the
-    cache chunk by chunk, so a killed run resumes from its last finished chunk. `instruction` (Qwen3 query
-    template) and `prompt` (a raw prefix, e.g. a document prompt) are passed to `embedder.encode`.
+    `query_format`/`prompt` as in `Embedder.encode` (`MODEL_DEFAULT` is resolved against the embedder).
+    Texts not yet cached are encoded together (one `encode` call per call of this object, so token-budget
+    batches fill), stored full-size and unnormalised; `dim`/`normalize` are applied on the way out.
     """
-    cache = EmbeddingCache(cache_dir, fingerprint=embedder.fingerprint, instruction=instruction,
-                           dim=dim, normalize=normalize, prompt=prompt)
-    stats = stats if stats is not None else CacheStats()
-    if total is None and hasattr(texts, "__len__"):
-        total = len(texts)
-    disable = not show_progress if show_progress is not None else None  # None: tqdm decides (tty only)
-    iterator = iter(texts)
-    start = 0
-    with tqdm(total=total, desc=desc, unit="text", disable=disable, dynamic_ncols=True) as bar:
-        while chunk := list(islice(iterator, chunk_size)):
-            keys = [text_key(t) for t in chunk]
-            missing: dict[bytes, str] = {}
-            for key, text in zip(keys, chunk):
-                if key not in cache and key not in missing:
-                    missing[key] = text
-            stats.hits += len(chunk) - sum(1 for k in keys if k in missing)
-            bar.update(len(chunk) - len(missing))
-            if missing:
-                extra = {"prompt": prompt} if prompt else {}
-                new_keys, new_vectors = _encode(embedder, missing, bar, instruction=instruction, dim=dim,
-                                                normalize=normalize, **extra)
-                cache.add(new_keys, new_vectors)
-                stats.encoded += len(new_keys)
-            yield start, cache.get(keys)
-            start += len(chunk)
+
+    def __init__(self, embedder, *, query_format: QueryFormat | str | None = None, prompt: str = "",
+                 dim: int | None = None, normalize: bool = True, cache_dir: str | Path | None = None,
+                 persist: bool = True, batch_tokens: int | None = None) -> None:  # fmt: skip
+        if dim is not None:
+            embedder._check_dim(dim)  # the Matryoshka range, before anything is encoded
+        self.embedder = embedder
+        self.query_format = embedder.resolve_query_format(query_format, prompt)
+        self.dim, self.normalize, self.batch_tokens = dim, normalize, batch_tokens
+        self.cache = EmbeddingCache(cache_dir, cache_key(embedder, self.query_format), persist=persist)
+        self.stats = CacheStats()
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """Vectors of `texts` `(len(texts), dim)`, encoding only the texts not in the cache."""
+        keys = [text_key(t) for t in texts]
+        missing: dict[bytes, str] = {}
+        for key, text in zip(keys, texts):
+            if key not in self.cache and key not in missing:
+                missing[key] = text
+        self.stats.hits += len(texts) - sum(1 for k in keys if k in missing)
+        if missing:
+            vectors = self.embedder.encode(list(missing.values()), instruction=self.query_format, normalize=False,
+                                           batch_tokens=self.batch_tokens, show_progress=False)  # fmt: skip
+            self.cache.add(list(missing), vectors)
+            self.stats.encoded += len(missing)
+        return self.rows(keys)
+
+    def rows(self, keys: list[bytes]) -> np.ndarray:
+        """Vectors (with `dim` and `normalize` applied) of texts already in the cache, by text key."""
+        if not keys:
+            return np.empty((0, self.dim or 0), dtype=np.float32)
+        return truncate_and_normalize(self.cache.get(keys), self.dim, self.normalize)
+
+    def iter_chunks(self, texts: Iterable[str], *, chunk_size: int = CHUNK_SIZE, total: int | None = None,
+                    show_progress: bool | None = None, desc: str = "encoding") -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+        """Yield `(start, vectors)` for consecutive chunks of `texts` (read one chunk at a time, so a corpus
+        can be indexed as its vectors come); each chunk is cached as it is done, so a killed run resumes
+        from its last finished chunk."""
+        if total is None and hasattr(texts, "__len__"):
+            total = len(texts)
+        disable = not show_progress if show_progress is not None else None  # None: tqdm decides (tty only)
+        iterator = iter(texts)
+        start = 0
+        with tqdm(total=total, desc=desc, unit="text", disable=disable, dynamic_ncols=True) as bar:
+            while chunk := list(islice(iterator, chunk_size)):
+                yield start, self(chunk)
+                start += len(chunk)
+                bar.update(len(chunk))
+
+
+def iter_encode_with_cache(embedder, texts: Iterable[str], *, instruction: QueryFormat | str | None = None,
+                           prompt: str = "", dim: int | None = None, normalize: bool = True,
+                           cache_dir: str | Path | None = None, chunk_size: int = CHUNK_SIZE, total: int | None = None,
+                           show_progress: bool | None = None, desc: str = "encoding",
+                           stats: CacheStats | None = None) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+    """Yield `(start, vectors)` for consecutive chunks of `texts`, encoding only texts not yet cached
+    (see `CachedEncoder`); `stats`, if given, receives the hit/encoded counts."""
+    encoder = CachedEncoder(embedder, query_format=instruction, prompt=prompt, dim=dim, normalize=normalize,
+                            cache_dir=cache_dir)  # fmt: skip
+    if stats is not None:
+        encoder.stats = stats
+    yield from encoder.iter_chunks(texts, chunk_size=chunk_size, total=total, show_progress=show_progress, desc=desc)
 
 
 def encode_with_cache(embedder, texts: Iterable[str], **kwargs) -> np.ndarray:
     """All vectors of `texts` as one `(n, dim)` float32 array; see `iter_encode_with_cache` for the options."""
     parts = [vectors for _, vectors in iter_encode_with_cache(embedder, texts, **kwargs)]
     return np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
-
-
-def _encode(embedder, missing: dict[bytes, str], bar, **options) -> tuple[list[bytes], np.ndarray]:
-    # Sorted by length so each encode call pads little; the bar moves every SUB_BATCH texts.
-    items = sorted(missing.items(), key=lambda kv: len(kv[1]))
-    keys, parts = [], []
-    for i in range(0, len(items), SUB_BATCH):
-        batch = items[i : i + SUB_BATCH]
-        vectors = embedder.encode([t for _, t in batch], show_progress=False, **options)
-        keys += [k for k, _ in batch]
-        parts.append(np.asarray(vectors, dtype=np.float32))
-        bar.update(len(batch))
-    return keys, np.concatenate(parts)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -3,8 +3,8 @@
 Conventions (those of trec_eval / BEIR, so figures compare with published ones):
 
 - A document is *relevant* when its qrels grade is > 0. Unjudged documents count as grade 0.
-- A run ranks a query's documents by score, descending; ties are broken by document id ascending so
-  results are deterministic. A run given as a plain list of ids is taken in that order.
+- A run ranks a query's documents by score, descending, as trec_eval does: scores compared as float32,
+  ties broken by document id *descending*. A run given as a plain list of ids is taken in that order.
 - Only queries with at least one relevant document are evaluated; a query missing from the run scores 0.
 - ``recall@k`` = relevant docs in the top k / all relevant docs of the query (BEIR; not capped at k).
 - ``precision@k`` = relevant docs in the top k / k (trec_eval ``P_k``, k even when fewer were retrieved).
@@ -12,8 +12,8 @@ Conventions (those of trec_eval / BEIR, so figures compare with published ones):
 - ``map@k`` = sum of precision@i over the ranks i <= k holding a relevant doc, / all relevant docs
   (trec_eval ``map_cut_k``).
 - ``ndcg@k`` = DCG@k / ideal DCG@k, discount 1/log2(rank + 1), ideal from the qrels grades. The gain is
-  ``2^grade - 1`` (``gain="exponential"``, default) or the grade itself (``gain="linear"``, what trec_eval's
-  ``ndcg_cut`` and therefore BEIR / MTEB report). With binary grades both are identical.
+  the grade itself (``gain="linear"``, default: trec_eval's ``ndcg_cut``, hence BEIR / MTEB and published
+  leaderboards) or ``2^grade - 1`` (``gain="exponential"``). With binary grades both are identical.
 
 Values are fractions in [0, 1]; keys are lower-case ``"<metric>@<k>"``.
 """
@@ -24,9 +24,12 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from qembed.errors import QembedError
 
 METRICS = ("ndcg", "recall", "mrr", "map", "precision")
+GAINS = ("linear", "exponential")
 
 # One query's results: [(doc_id, score), ...], {doc_id: score}, or an already ranked [doc_id, ...].
 QueryRun = Sequence[tuple[str, float]] | Mapping[str, float] | Sequence[str]
@@ -46,8 +49,15 @@ class MetricResult:
         return len(self.per_query)
 
 
+def trec_order(pairs: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
+    """`(doc_id, score)` pairs in trec_eval's rank order: score (as float32) descending, ties by id descending."""
+    ranked = sorted(pairs, key=lambda pair: str(pair[0]), reverse=True)
+    ranked.sort(key=lambda pair: -np.float32(pair[1]))  # stable: equal float32 scores keep the id order
+    return ranked
+
+
 def rank_documents(results: QueryRun) -> list[str]:
-    """Document ids in rank order: by score descending then id ascending; a plain id list keeps its order."""
+    """Document ids in rank order (`trec_order`); a plain id list keeps its order."""
     if isinstance(results, Mapping):
         pairs = list(results.items())
     else:
@@ -55,8 +65,7 @@ def rank_documents(results: QueryRun) -> list[str]:
         if not items or isinstance(items[0], str):
             return [str(doc_id) for doc_id in items]
         pairs = [(doc_id, score) for doc_id, score in items]
-    pairs.sort(key=lambda pair: (-float(pair[1]), str(pair[0])))
-    return [str(doc_id) for doc_id, _ in pairs]
+    return [str(doc_id) for doc_id, _ in trec_order(pairs)]
 
 
 def _dcg(gains: Iterable[float]) -> float:
@@ -69,7 +78,7 @@ def query_metrics(
     ks: Sequence[int],
     metrics: Sequence[str] = METRICS,
     *,
-    gain: str = "exponential",
+    gain: str = "linear",
 ) -> dict[str, float]:
     """Metrics of one ranked list of doc ids against one query's graded judgments."""
     gain_of = (lambda g: 2.0**g - 1.0) if gain == "exponential" else float
@@ -110,7 +119,7 @@ def evaluate_run(
     ks: Sequence[int] = (1, 5, 10, 100),
     metrics: Sequence[str] = METRICS,
     *,
-    gain: str = "exponential",
+    gain: str = "linear",
 ) -> MetricResult:
     """Score a run against graded qrels for every k in `ks` (see the module docstring for conventions).
 
@@ -122,8 +131,8 @@ def evaluate_run(
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise QembedError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
-    if gain not in ("exponential", "linear"):
-        raise QembedError(f"gain must be 'exponential' or 'linear', got {gain!r}")
+    if gain not in GAINS:
+        raise QembedError(f"nDCG gain must be 'linear' or 'exponential', got {gain!r}")
     per_query: dict[str, dict[str, float]] = {}
     for qid, judgments in qrels.items():
         if not any(g > 0 for g in judgments.values()):

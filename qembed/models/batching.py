@@ -64,3 +64,17 @@ def pad_batch(
     if left:
         batch["position_ids"] = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+#: Padded tokens per batch, by (model family, device type), chosen by `bench/bench_batching.py`. Decoder
+#: (last-token / causal LM) models are dominated by their weights, so large batches pay; small bidirectional
+#: encoders on a CPU are dominated by activations and attention, which stay in cache only in small batches.
+BATCH_TOKENS = {("decoder", "cpu"): 16384, ("encoder", "cpu"): 2048}
+GPU_BATCH_TOKENS = 16384  # not measured per family here (no GPU in the measurement runs)
+
+
+def default_batch_tokens(decoder: bool, device_type: str) -> int:
+    """The measured padded-token budget for a model family (`decoder`: Qwen3-style causal models) on a device."""
+    if device_type != "cpu":
+        return GPU_BATCH_TOKENS
+    return BATCH_TOKENS[("decoder" if decoder else "encoder", "cpu")]

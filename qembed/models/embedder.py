@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qembed.models import prompts
-from qembed.models.batching import pad_batch, token_budget_batches
+from qembed.models.batching import default_batch_tokens, pad_batch, token_budget_batches
 from qembed.models.layout import (
     ModelRecord,
     declares_matryoshka,
@@ -38,13 +38,26 @@ from qembed.models.loading import (
     weights_fingerprint,
     write_sentence_transformers_files,
 )
+from qembed.models.prompts import MODEL_DEFAULT, QueryFormat
 
 log = logging.getLogger(__name__)
 
 MIN_MRL_DIM = 32
-DEFAULT_BATCH_TOKENS = 16384
 _AUTO_PROGRESS_FROM = 256  # texts
-_USE_DEFAULT = object()  # sentinel: "the model's own default query instruction"
+
+
+def truncate_and_normalize(vectors: np.ndarray, dim: int | None = None, normalize: bool = True) -> np.ndarray:
+    """Full-size float32 vectors -> the first `dim` components (Matryoshka), L2-normalised if `normalize`.
+
+    The one place this is computed, so cached full-size vectors give exactly what `Embedder.encode` gives.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if dim is not None:
+        vectors = vectors[:, :dim]
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, np.float32(1e-12))
+    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def check_texts(texts: Sequence[str]) -> list[str]:
@@ -136,19 +149,45 @@ class Embedder:
                            base_model=self.name_or_path)  # fmt: skip
 
     # ------------------------------------------------------------------ formatting
-    def prepare(self, texts: Sequence[str], *, instruction: str | None = None, prompt: str = "") -> list[list[int]]:
-        """Token ids of fully formatted texts: instruction template or prompt, truncation, end-of-text token."""
+    @property
+    def default_query_format(self) -> QueryFormat:
+        """The model's own query format: its instruction (Qwen3 template), its raw query prompt, or none."""
+        if self.default_instruction:
+            return QueryFormat("instruction", self.default_instruction)
+        return QueryFormat("prompt", self.query_prompt) if self.query_prompt else QueryFormat("none")
+
+    def resolve_query_format(self, instruction: QueryFormat | str | None, prompt: str = "") -> QueryFormat:
+        """`QueryFormat.of(instruction, prompt)` with `MODEL_DEFAULT` replaced by this model's own format."""
+        fmt = QueryFormat.of(instruction, prompt)
+        return self.default_query_format if fmt.kind == "default" else fmt
+
+    @property
+    def cache_identity(self) -> dict[str, str]:
+        """What besides the text and its format determines a vector: weights, dtype and device type."""
+        dtype = str(getattr(self.model, "dtype", "")).removeprefix("torch.")
+        return {"fingerprint": self.fingerprint, "dtype": dtype, "device": torch.device(self.device).type}
+
+    @property
+    def default_batch_tokens(self) -> int:
+        """The padded-token budget per batch measured best for this model family (see `default_batch_tokens`)."""
+        return default_batch_tokens(self.pooling == "lasttoken", torch.device(self.device).type)
+
+    def prepare(self, texts: Sequence[str], *, instruction: QueryFormat | str | None = None,
+                prompt: str = "") -> list[list[int]]:  # fmt: skip
+        """Token ids of fully formatted texts: query format (instruction template, raw prompt or none),
+        truncation while tokenising, end-of-text token."""
         texts = check_texts(texts)
         if not texts:
             return []
-        prefix = prompts.query_prefix(instruction) if instruction else prompt
+        prefix = self.resolve_query_format(instruction, prompt).prefix
         if self.info.do_lower_case:
             texts = [t.lower() for t in texts]
         formatted = [prefix + t for t in texts]
         if self.pooling != "lasttoken":
             encoded = self.tokenizer(formatted, truncation=True, max_length=self.max_length, add_special_tokens=True)
             return [list(ids) for ids in encoded["input_ids"]]
-        encoded = self.tokenizer(formatted, add_special_tokens=self._tokenizer_appends_eot)["input_ids"]
+        encoded = self.tokenizer(formatted, add_special_tokens=self._tokenizer_appends_eot, truncation=True,
+                                 max_length=self.max_length)["input_ids"]  # fmt: skip
         result = []
         for ids in encoded:
             ids = list(ids)
@@ -172,38 +211,35 @@ class Embedder:
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, texts: Sequence[str], *, instruction: str | None = None, dim: int | None = None,
-               normalize: bool = True, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    def encode(self, texts: Sequence[str], *, instruction: QueryFormat | str | None = None, dim: int | None = None,
+               normalize: bool = True, batch_tokens: int | None = None,
                show_progress: bool | None = None, prompt: str = "") -> np.ndarray:  # fmt: skip
         """Embed `texts` -> float32 array `(len(texts), dim or hidden)`, rows in input order.
 
-        `instruction` applies the Qwen3 query template `Instruct: {instruction}\\nQuery:{text}`; `dim` keeps the
-        first `dim` components (Matryoshka) before normalising; batches are cut by a padded-token budget.
+        `instruction` applies the Qwen3 query template `Instruct: {instruction}\\nQuery:{text}` (or give a
+        `QueryFormat`; `prompt` is a raw prefix); `dim` keeps the first `dim` components (Matryoshka) before
+        normalising; batches are cut by a padded-token budget (`None`: the model's `default_batch_tokens`).
         """
         texts = check_texts(texts)
         out_dim = self._check_dim(dim)
         if not texts:
             return np.zeros((0, out_dim), dtype=np.float32)
         token_ids = self.prepare(texts, instruction=instruction, prompt=prompt)
-        batches = token_budget_batches([len(ids) for ids in token_ids], batch_tokens)
-        result = np.empty((len(texts), out_dim), dtype=np.float32)
+        budget = batch_tokens or self.default_batch_tokens
+        batches = token_budget_batches([len(ids) for ids in token_ids], budget)
+        result = np.empty((len(texts), self.hidden_size), dtype=np.float32)
         show = len(texts) >= _AUTO_PROGRESS_FROM if show_progress is None else show_progress
         with torch.inference_mode(), tqdm(total=len(texts), disable=not show, desc="encode", unit="text") as bar:
             for indices in batches:
                 vectors = self.forward_features(self.collate([token_ids[i] for i in indices]))
-                vectors = vectors[:, :out_dim].float()
-                if normalize:
-                    vectors = torch.nn.functional.normalize(vectors, dim=-1)
-                result[indices] = vectors.cpu().numpy()
+                result[indices] = vectors.float().cpu().numpy()
                 bar.update(len(indices))
-        return result
+        return truncate_and_normalize(result, dim, normalize)
 
-    def encode_queries(self, queries: Sequence[str], *, instruction: str | None | object = _USE_DEFAULT,
+    def encode_queries(self, queries: Sequence[str], *, instruction: QueryFormat | str | None = MODEL_DEFAULT,
                        **kwargs) -> np.ndarray:  # fmt: skip
-        """Embed queries with the model's default query instruction (or prompt) unless one is given;
-        `instruction=None` embeds them bare."""
-        if instruction is _USE_DEFAULT:
-            return self.encode(queries, instruction=self.default_instruction, prompt=self.query_prompt, **kwargs)
+        """Embed queries in the model's own query format (`MODEL_DEFAULT`) unless another is given:
+        an instruction text, a `QueryFormat`, or `instruction=None` for bare queries."""
         return self.encode(queries, instruction=instruction, **kwargs)
 
     @property

@@ -7,6 +7,7 @@ about these models are formatting errors, so nothing else in the package builds 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 #: Default query instruction of Qwen3-Embedding (model card and `config_sentence_transformers.json`).
 DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -35,6 +36,61 @@ def query_prefix(instruction: str | None) -> str:
 def format_query(query: str, instruction: str | None) -> str:
     """A query as Qwen3-Embedding expects it; without an instruction the query is unchanged."""
     return query_prefix(instruction) + query
+
+
+@dataclass(frozen=True)
+class QueryFormat:
+    """How query texts are formatted before encoding: one value for every setting.
+
+    `kind` is "default" (the model's own query instruction or prompt: `MODEL_DEFAULT`), "instruction" (the
+    Qwen3 template around `text`), "prompt" (`text` as a raw prefix, e.g. "query: ") or "none" (bare text).
+    Resolve "default" against a model with `Embedder.resolve_query_format`; a resolved format's `prefix` is
+    what encoding prepends and what the embedding cache keys on.
+    """
+
+    kind: str
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("default", "instruction", "prompt", "none"):
+            raise ValueError(f"unknown query format kind {self.kind!r}")
+        if (self.kind in ("instruction", "prompt")) != bool(self.text):
+            raise ValueError(f"query format {self.kind!r} {'needs' if self.text == '' else 'takes no'} text")
+
+    @classmethod
+    def of(cls, value: QueryFormat | str | None, prompt: str = "") -> QueryFormat:
+        """A format from the public arguments: a `QueryFormat`, an instruction text, or None (then `prompt`,
+        a raw prefix, if given; else bare text)."""
+        if isinstance(value, QueryFormat):
+            if prompt:
+                raise ValueError("give either a QueryFormat or a prompt, not both")
+            return value
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"instruction must be a text, None or a QueryFormat, got {value!r}")
+        if value:
+            return cls("instruction", value)
+        return cls("prompt", prompt) if prompt else cls("none")
+
+    @property
+    def prefix(self) -> str:
+        """The text placed before each query (a "default" format must be resolved first)."""
+        if self.kind == "default":
+            raise ValueError("MODEL_DEFAULT must be resolved against a model first")
+        return query_prefix(self.text) if self.kind == "instruction" else self.text
+
+    @property
+    def label(self) -> str | None:
+        """The instruction or prompt text for reports; None for bare queries."""
+        return self.text or None
+
+    def __repr__(self) -> str:
+        return "MODEL_DEFAULT" if self.kind == "default" else f"QueryFormat({self.kind!r}, {self.text!r})"
+
+
+#: The model's own query instruction (or prompt; nothing for models without one).
+MODEL_DEFAULT = QueryFormat("default")
+#: Bare query text.
+NO_INSTRUCTION = QueryFormat("none")
 
 
 def instruction_from_prompt(prompt: str) -> str | None:

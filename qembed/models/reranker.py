@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from qembed.errors import QembedError
 from qembed.models import prompts
-from qembed.models.batching import pad_batch, token_budget_batches
-from qembed.models.embedder import DEFAULT_BATCH_TOKENS, check_texts
+from qembed.models.batching import default_batch_tokens, pad_batch, token_budget_batches
+from qembed.models.embedder import check_texts
 from qembed.models.layout import (
     ModelRecord,
     dtype_name,
@@ -36,6 +36,7 @@ from qembed.models.loading import (
 )
 
 _AUTO_PROGRESS_FROM = 256  # pairs
+PAIRS_PER_WINDOW = 4096  # pairs tokenised and batched together by `score_pairs`
 _EXPECTED = ("a reranker: a Qwen3-Reranker-style causal LM (...ForCausalLM with its output layer) or a "
              "cross-encoder (...ForSequenceClassification with its classification head)")  # fmt: skip
 
@@ -124,20 +125,30 @@ class Reranker:
                            dtype=dtype_name(self.model.dtype), base_model=self.name_or_path)  # fmt: skip
 
     # ------------------------------------------------------------------ formatting
+    @property
+    def default_batch_tokens(self) -> int:
+        """The padded-token budget per batch measured best for this model family (see `default_batch_tokens`)."""
+        return default_batch_tokens(self.kind == "qwen3", torch.device(self.device).type)
+
     def prepare_pairs(self, query: str, documents: Sequence[str], *, instruction: str | None = None) -> list[list[int]]:
         """Token ids for each (query, document) pair, truncated to `max_length`."""
         if not isinstance(query, str):
             raise TypeError(f"query is {type(query).__name__}, expected str")
-        documents = check_texts(documents)
-        if not documents:
+        return self.prepare_pair_list([(query, doc) for doc in check_texts(documents)], instruction=instruction)
+
+    def prepare_pair_list(self, pairs: Sequence[tuple[str, str]], *, instruction: str | None = None) -> list[list[int]]:
+        """Token ids for (query, document) pairs of any queries, truncated to `max_length` while tokenising."""
+        pairs = _check_pairs(pairs)
+        if not pairs:
             return []
+        queries, documents = [q for q, _ in pairs], [d for _, d in pairs]
         if self.kind == "cross-encoder":
-            encoded = self.tokenizer([query] * len(documents), documents, truncation=True, max_length=self.max_length)
+            encoded = self.tokenizer(queries, documents, truncation=True, max_length=self.max_length)
             return [list(ids) for ids in encoded["input_ids"]]
         budget = self.max_length - len(self._prefix) - len(self._suffix)
-        bodies = ["".join(prompts.rerank_body(query, doc, instruction)) for doc in documents]
-        encoded = self.tokenizer(bodies, add_special_tokens=False)["input_ids"]
-        return [self._prefix + list(ids)[:budget] + self._suffix for ids in encoded]
+        bodies = ["".join(prompts.rerank_body(q, d, instruction)) for q, d in pairs]
+        encoded = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
+        return [self._prefix + list(ids) + self._suffix for ids in encoded]
 
     def collate(self, token_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """A padded batch: left padding (with position ids) for causal LMs, right padding for cross-encoders."""
@@ -149,29 +160,53 @@ class Reranker:
         return batch
 
     def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Relevance logits `(batch,)`: `yes - no` at the last position, or the classifier logit."""
+        """Relevance logits `(batch,)` in float32: `yes - no` at the last position, or the classifier logit.
+
+        The yes/no projection runs in float32 whatever the model's dtype (a bf16 logit difference loses
+        most of its digits)."""
         if self.kind == "cross-encoder":
-            logits = self.model(**batch).logits
+            logits = self.model(**batch).logits.float()
             return logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]
         hidden = self.model.get_decoder()(**batch).last_hidden_state[:, -1]
+        return self.yes_no_logits(hidden)
+
+    def yes_no_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`yes - no` logits (float32) from last-position hidden states `(batch, hidden)` of a Qwen3 reranker."""
         weight = self.model.get_output_embeddings().weight[[self.no_id, self.yes_id]]
-        no_yes = hidden @ weight.T
+        no_yes = hidden.float() @ weight.float().T
         return no_yes[:, 1] - no_yes[:, 0]  # softmax over (no, yes) taking yes == sigmoid(yes - no)
 
     # ------------------------------------------------------------------ scoring
     def score(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
-              batch_tokens: int = DEFAULT_BATCH_TOKENS, show_progress: bool | None = None) -> list[float]:  # fmt: skip
+              batch_tokens: int | None = None, show_progress: bool | None = None) -> list[float]:  # fmt: skip
         """Relevance of each document to `query`, in [0, 1], in input order."""
-        token_ids = self.prepare_pairs(query, documents, instruction=instruction)
-        scores = [0.0] * len(token_ids)
-        show = len(token_ids) >= _AUTO_PROGRESS_FROM if show_progress is None else show_progress
-        batches = token_budget_batches([len(ids) for ids in token_ids], batch_tokens)
-        with torch.inference_mode(), tqdm(total=len(token_ids), disable=not show, desc="rerank", unit="pair") as bar:
-            for indices in batches:
-                probs = torch.sigmoid(self.forward_logits(self.collate([token_ids[i] for i in indices])).float())
-                for index, value in zip(indices, probs.tolist()):
-                    scores[index] = value
-                bar.update(len(indices))
+        if not isinstance(query, str):
+            raise TypeError(f"query is {type(query).__name__}, expected str")
+        pairs = [(query, doc) for doc in check_texts(documents)]
+        return self.score_pairs(pairs, instruction=instruction, batch_tokens=batch_tokens, show_progress=show_progress)
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], *, instruction: str | None = None,
+                    batch_tokens: int | None = None, show_progress: bool | None = None) -> list[float]:  # fmt: skip
+        """Relevance of each `(query, document)` pair, in [0, 1], in input order.
+
+        Pairs of many queries form one token-budget stream, so batches fill however few candidates each
+        query has (`batch_tokens=None`: the model's `default_batch_tokens`). Pairs are tokenised a window
+        of `PAIRS_PER_WINDOW` at a time, so memory stays bounded however many there are.
+        """
+        pairs = _check_pairs(pairs)
+        budget = batch_tokens or self.default_batch_tokens
+        scores: list[float] = []
+        show = len(pairs) >= _AUTO_PROGRESS_FROM if show_progress is None else show_progress
+        with torch.inference_mode(), tqdm(total=len(pairs), disable=not show, desc="rerank", unit="pair") as bar:
+            for begin in range(0, len(pairs), PAIRS_PER_WINDOW):
+                token_ids = self.prepare_pair_list(pairs[begin : begin + PAIRS_PER_WINDOW], instruction=instruction)
+                window = [0.0] * len(token_ids)
+                for indices in token_budget_batches([len(ids) for ids in token_ids], budget):
+                    probs = torch.sigmoid(self.forward_logits(self.collate([token_ids[i] for i in indices])))
+                    for index, value in zip(indices, probs.tolist()):
+                        window[index] = value
+                    bar.update(len(indices))
+                scores += window
         return scores
 
     def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
@@ -183,3 +218,15 @@ class Reranker:
 
     def __repr__(self) -> str:
         return f"Reranker({self.name_or_path!r}, kind={self.kind}, max_length={self.max_length}, device={self.device})"
+
+
+def _check_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Validate (query, document) pairs: a `TypeError` names the first bad item."""
+    pairs = list(pairs)
+    for index, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise TypeError(f"pairs[{index}] is not a (query, document) pair")
+        for part, name in zip(pair, ("query", "document")):
+            if not isinstance(part, str):
+                raise TypeError(f"pairs[{index}] {name} is {type(part).__name__}, expected str")
+    return [tuple(pair) for pair in pairs]

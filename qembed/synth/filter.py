@@ -73,7 +73,7 @@ class FilterReport:
 
 
 def filter_records(records: list[dict[str, Any]], embedder: Any, *, threshold: float = 0.7,
-                   batch_tokens: int = 16384) -> tuple[list[dict[str, Any]], FilterReport]:  # fmt: skip
+                   batch_tokens: int | None = None) -> tuple[list[dict[str, Any]], FilterReport]:  # fmt: skip
     """Kept records (each gets `meta.score`, the cosine) and the report. Records without a string `query`
     and a non-empty `pos` are dropped as `malformed`."""
     import numpy as np
@@ -117,7 +117,7 @@ def filter_records(records: list[dict[str, Any]], embedder: Any, *, threshold: f
 
 
 def filter_file(input_path: str | Path, output_path: str | Path, model: str, *, threshold: float = 0.7,
-                device: str | None = None, batch_tokens: int = 16384) -> FilterReport:  # fmt: skip
+                device: str | None = None, batch_tokens: int | None = None) -> FilterReport:  # fmt: skip
     """Filter a synthetic-pairs JSONL file into `output_path` (written atomically) with embedding `model`."""
     from qembed.models.embedder import Embedder
 

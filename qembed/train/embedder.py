@@ -91,29 +91,17 @@ def _saved_dtype(model_dir: Path) -> torch.dtype | None:
 
 
 def evaluate_embedder(emb, dataset, ks=EVAL_KS["embedder"]) -> dict[str, float]:
-    """Exact cosine retrieval on a `RetrievalDataset` with the model's current weights (no cache)."""
-    from qembed.eval.metrics import evaluate_run
+    """nDCG/recall/MRR on a `RetrievalDataset` with the model's current weights: the evaluation engine
+    (`qembed.eval.evaluate`, exact search) with vectors kept in memory, as the weights change between calls."""
+    from qembed.eval.evaluate import evaluate
 
     was_training = emb.model.training
     emb.model.eval()
     try:
-        doc_ids = dataset.doc_ids
-        docs = torch.from_numpy(
-            emb.encode_documents([dataset.doc_text(d) for d in doc_ids], show_progress=False)
-        )
-        qids = list(dataset.queries)
-        queries = torch.from_numpy(
-            emb.encode_queries([dataset.queries[q] for q in qids], show_progress=False)
-        )
+        metrics = evaluate(emb, dataset, k=ks, cache=False, show_progress=False)[0]["metrics"]
     finally:
         emb.model.train(was_training)
-    k = min(max(ks), len(doc_ids))
-    scores, top = (queries @ docs.T).topk(k, dim=1)
-    run = {
-        qid: [(doc_ids[j], float(s)) for j, s in zip(row, vals)]
-        for qid, row, vals in zip(qids, top.tolist(), scores.tolist())
-    }
-    return evaluate_run(run, dataset.qrels, ks=ks, metrics=EVAL_METRICS).mean
+    return {key: value for key, value in metrics.items() if key.split("@")[0] in EVAL_METRICS}
 
 
 def train_embedder(cfg: TrainConfig, *, on_step=None) -> TrainResult:

@@ -26,30 +26,26 @@ def evaluate_reranker(
     rr, dataset, *, num_candidates: int = 20, max_queries: int = 200, seed: int = 0
 ) -> dict:
     """Rerank, for each test query (at most `max_queries`), its relevant documents plus seeded random corpus
-    documents up to `num_candidates`; nDCG/recall/MRR@{1,5,10} of the resulting order."""
-    from qembed.eval.metrics import evaluate_run
+    documents up to `num_candidates`; nDCG/recall/MRR@{1,5,10} of the resulting order (the evaluation
+    engine's rerank stage, `qembed.eval.evaluate.evaluate_reranking`)."""
+    from qembed.eval.evaluate import evaluate_reranking
 
     rng = random.Random(seed)
     doc_ids = dataset.doc_ids
-    qids = sorted(dataset.queries)[:max_queries]
+    candidates = {}
+    for qid in sorted(dataset.queries)[:max_queries]:
+        chosen = list(dataset.qrels[qid])
+        while len(chosen) < min(num_candidates, len(doc_ids)):
+            doc = doc_ids[rng.randrange(len(doc_ids))]
+            if doc not in chosen:
+                chosen.append(doc)
+        candidates[qid] = chosen
     was_training = rr.model.training
     rr.model.eval()
-    run = {}
     try:
-        for qid in qids:
-            candidates = list(dataset.qrels[qid])
-            while len(candidates) < min(num_candidates, len(doc_ids)):
-                doc = doc_ids[rng.randrange(len(doc_ids))]
-                if doc not in candidates:
-                    candidates.append(doc)
-            scores = rr.score(
-                dataset.queries[qid], [dataset.doc_text(d) for d in candidates], show_progress=False
-            )
-            run[qid] = list(zip(candidates, scores))
+        return evaluate_reranking(rr, dataset, candidates, k=EVAL_KS["reranker"], metrics=EVAL_METRICS)
     finally:
         rr.model.train(was_training)
-    qrels = {qid: dataset.qrels[qid] for qid in qids}
-    return evaluate_run(run, qrels, ks=EVAL_KS["reranker"], metrics=EVAL_METRICS).mean
 
 
 def train_reranker(cfg: TrainConfig, *, on_step=None) -> TrainResult:
