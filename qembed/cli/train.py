@@ -23,7 +23,12 @@ def _ints(text: str) -> list[int]:
 
 
 def _margin(text: str) -> float | None:
-    return None if text.strip().lower() in ("off", "none") else float(text)
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
