@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from qembed.synth.corpus import read_corpus  # noqa: E402
+from qembed.data.corpus import Document, read_corpus  # noqa: E402
 from qembed.synth.generate import SynthConfig, synthesize  # noqa: E402
 from qembed.synth.llm import OpenAIChat, RetryPolicy  # noqa: E402
 from qembed.synth.personas import PersonaMatcher, load_personas  # noqa: E402
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--corpus", default=str(ROOT.parent / "shared" / "data" / "nfcorpus" / "corpus.jsonl"))
     args = parser.parse_args()
 
-    docs = read_corpus(args.corpus, limit=args.docs)
+    docs = [Document(*item) for item in read_corpus(args.corpus, limit=args.docs).items()]
     library = load_personas()
     setup = time.perf_counter()
     if args.personas == "fixed":

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+from itertools import islice
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,11 +23,11 @@ def machine_line() -> str:
 def realistic_texts(tokenizer, count: int = 27, shortest: int = 12, longest: int = 473) -> list[str]:
     """Real texts (NFCorpus queries/abstracts, Chinese agriculture QA) whose token lengths are spread evenly
     from `shortest` to `longest`: for each target length, the real text closest to it."""
+    from qembed.data.corpus import iter_corpus
+
     pool: list[str] = []
-    with (SHARED / "data/nfcorpus/queries.jsonl").open() as f:
-        pool += [json.loads(line)["text"] for line in f][:400]
-    with (SHARED / "data/nfcorpus/corpus.jsonl").open() as f:
-        pool += [(r["title"] + " " + r["text"]).strip() for r in map(json.loads, f)][:1500]
+    pool += [doc.text for doc in islice(iter_corpus(SHARED / "data/nfcorpus/queries.jsonl"), 400)]
+    pool += [doc.text for doc in islice(iter_corpus(SHARED / "data/nfcorpus/corpus.jsonl"), 1500)]
     for name in ("rice_dqa_zh.json", "corn_dqa_zh.json"):
         for row in json.loads((SHARED / "data/agri-zh" / name).read_text(encoding="utf-8"))[:400]:
             pool += [row["instruction"], row["output"], row["input"].strip("（）")]

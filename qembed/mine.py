@@ -1,10 +1,11 @@
 """`qembed mine`: hard negatives for training pairs, with false-negative guards, in bounded memory.
 
-Input: training-format JSONL (`{"query", "pos": [...], "neg"?, "query_id"?, "pos_ids"?}`) or a BEIR folder
-(queries with a positive in the qrels split). Corpus: a BEIR folder or `corpus.jsonl`, a JSONL file with a
-`text` field, or a `.txt` file (one document per line); by default the BEIR input's own corpus, or the
-positives of all records. The corpus is encoded once (through the embedding cache) in streaming batches
-into a vector index; queries are encoded and searched in chunks. Selection rules: `qembed.negatives`.
+Input: training-format JSONL (`qembed.data.pairs`) or a BEIR folder (queries with a positive in the qrels
+split). Corpus: any file `qembed.data.corpus` reads (a BEIR folder or `corpus.jsonl`, a JSONL file with a
+`text` field, a `.txt` file); by default the BEIR input's own corpus, or the positives of all records. A
+corpus file over 1 GiB stays on disk (ids and byte offsets in memory). The corpus is encoded once (through
+the embedding cache) in streaming batches into a vector index; queries are encoded and searched in chunks.
+Selection rules: `qembed.negatives`.
 
 Output: one line per input record, in input order, with `neg`, `neg_ids`, `neg_scores` (query-negative
 scores) and `pos_scores` (query-positive scores) set; existing `neg` values are replaced. A run that stops
@@ -17,12 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from qembed.data.corpus import CorpusFile, open_corpus
 from qembed.data.jsonl import JsonlAppender, iter_jsonl
+from qembed.data.pairs import PairRecord, read_pairs
 from qembed.errors import QembedError
 from qembed.models.prompts import MODEL_DEFAULT, QueryFormat
 from qembed.negatives import (
@@ -40,104 +44,42 @@ log = logging.getLogger(__name__)
 DEFAULT = MODEL_DEFAULT  # the name `qembed.cli.mine` imports
 
 
-@dataclass
-class Corpus:
-    ids: list[str]
-    texts: list[str]
-
-
-@dataclass
-class PairRecord:
-    query: str
-    pos: list[str]
-    pos_ids: list[str] | None
-    record: dict
-
-
 # ---------------------------------------------------------------------------------------------- inputs
-def load_pairs(path: str | Path, split: str = "train") -> tuple[list[PairRecord], Corpus | None]:
-    """Records from training-format JSONL, or from a BEIR folder (then also its corpus)."""
+def load_pairs(path: str | Path, split: str = "train") -> tuple[list[PairRecord], Mapping[str, str] | None]:
+    """Records from training-format JSONL (`qembed.data.pairs`), or from a BEIR folder (then also its
+    corpus, kept on disk when large)."""
     path = Path(path)
-    if path.is_dir():
-        from qembed.data.beir import RetrievalDataset
+    if not path.is_dir():
+        return read_pairs(path), None
+    from qembed.data.beir import RetrievalDataset
 
-        data = RetrievalDataset.load(path, split=split)
-        records = []
-        for qid, judged in data.qrels.items():
-            pos_ids = [did for did, grade in judged.items() if grade > 0]
-            if pos_ids:
-                pos = [data.doc_text(did) for did in pos_ids]
-                record = {"query": data.queries[qid], "query_id": qid, "pos": pos, "pos_ids": pos_ids}
-                records.append(PairRecord(data.queries[qid], pos, pos_ids, record))
-        corpus = Corpus(data.doc_ids, data.doc_texts())
-        if not records:
-            raise QembedError(f"{path}: no query of split {split!r} has a positive (grade > 0)")
-        return records, corpus
+    data = RetrievalDataset.load(path, split=split)
     records = []
-    for number, record in enumerate(iter_jsonl(path), start=1):
-        query, pos, pos_ids = record.get("query"), record.get("pos"), record.get("pos_ids")
-        if not isinstance(query, str) or not query.strip():
-            raise QembedError(f"{path}: record {number}: 'query' must be a non-empty string")
-        if isinstance(pos, str):
-            pos = [pos]
-        if not isinstance(pos, list) or not pos or not all(isinstance(p, str) for p in pos):
-            raise QembedError(f"{path}: record {number}: 'pos' must be a non-empty list of strings")
-        if pos_ids is not None:
-            if not isinstance(pos_ids, list) or len(pos_ids) != len(pos):
-                raise QembedError(f"{path}: record {number}: 'pos_ids' must be a list as long as 'pos'")
-            pos_ids = [str(i) for i in pos_ids]
-        records.append(PairRecord(query, pos, pos_ids, record))
+    for qid, judged in data.qrels.items():
+        pos_ids = [did for did, grade in judged.items() if grade > 0]
+        if pos_ids:
+            pos = [data.doc_text(did) for did in pos_ids]
+            record = {"query": data.queries[qid], "query_id": qid, "pos": pos, "pos_ids": pos_ids}
+            records.append(PairRecord(data.queries[qid], pos, pos_ids=pos_ids, record=record))
     if not records:
-        raise QembedError(f"{path}: no records: the input is empty")
-    return records, None
+        raise QembedError(f"{path}: no query of split {split!r} has a positive (grade > 0)")
+    return records, data.corpus
 
 
-def load_corpus(path: str | Path) -> Corpus:
-    """A BEIR folder / `corpus.jsonl` (`_id`, `title` + `text`), a JSONL file with `text` (`_id`/`id` optional)
-    or a `.txt` file (one document per line; id = line number from 0). Blank documents are skipped."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "corpus.jsonl"
-    ids, texts = [], []
-    if path.suffix == ".jsonl":
-        for number, record in enumerate(iter_jsonl(path), start=1):
-            text, title = record.get("text"), record.get("title") or ""
-            if not isinstance(text, str) or not isinstance(title, str):
-                raise QembedError(f"{path}: record {number}: 'text' (and 'title') must be strings")
-            doc_id = record.get("_id", record.get("id", number - 1))
-            ids.append(str(doc_id))
-            texts.append(f"{title} {text}".strip())
-    else:
-        if not path.is_file():
-            raise QembedError(f"corpus file not found: {path}")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise QembedError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        ids, texts = [str(i) for i in range(len(lines))], lines
-    keep = [i for i, t in enumerate(texts) if t.strip()]
-    if len(keep) < len(texts):
-        log.warning("%s: skipped %d blank document(s)", path, len(texts) - len(keep))
-    if not keep:
-        raise QembedError(f"{path}: the corpus is empty")
-    if len(set(ids)) < len(ids):
-        raise QembedError(f"{path}: document ids are not unique")
-    return Corpus([ids[i] for i in keep], [texts[i] for i in keep])
-
-
-def corpus_from_positives(records: list[PairRecord]) -> Corpus:
+def corpus_from_positives(records: list[PairRecord]) -> dict[str, str]:
     """Every distinct positive text of the records; ids are `pos_ids` where given, else `pos-<n>`."""
-    ids, texts, seen = [], [], set()
+    corpus: dict[str, str] = {}
+    seen: set[str] = set()
     for rec in records:
         for j, text in enumerate(rec.pos):
             if text in seen or not text.strip():
                 continue
             seen.add(text)
-            ids.append(rec.pos_ids[j] if rec.pos_ids else f"pos-{len(ids)}")
-            texts.append(text)
-    if len(set(ids)) < len(ids):
-        raise QembedError("the records' pos_ids name different texts with the same id")
-    return Corpus(ids, texts)
+            doc_id = rec.pos_ids[j] if rec.pos_ids else f"pos-{len(corpus)}"
+            if doc_id in corpus:
+                raise QembedError("the records' pos_ids name different texts with the same id")
+            corpus[doc_id] = text
+    return corpus
 
 
 # ---------------------------------------------------------------------------------------------- mining
@@ -204,7 +146,9 @@ def mine_hard_negatives(
         raise QembedError("the reranker guard needs both a reranker and reranker_max_score")
     started = time.perf_counter()
     records, beir_corpus = load_pairs(input, split)
-    docs = load_corpus(corpus) if corpus is not None else beir_corpus or corpus_from_positives(records)
+    docs = open_corpus(corpus) if corpus is not None else beir_corpus or corpus_from_positives(records)
+    on_disk = isinstance(docs, CorpusFile)
+    doc_ids = docs.ids if on_disk else list(docs)
     output = Path(output)
     done = resume_point(output, records, overwrite)
 
@@ -220,17 +164,24 @@ def mine_hard_negatives(
     except (TypeError, ValueError) as exc:
         raise QembedError(str(exc)) from None
 
-    # Corpus: encoded once (cached), streamed into the index.
+    # Corpus: streamed from its file (a large one is never held as text), encoded once (cached) into the index.
     t0 = time.perf_counter()
+    row_hashes = np.empty(len(doc_ids), dtype=np.int64)
+
+    def texts():
+        for row, text in enumerate(docs.values()):
+            row_hashes[row] = text_hash(text)
+            yield text
+
     store = None
-    for start, batch in encode_documents.iter_chunks(docs.texts, show_progress=show_progress, desc="corpus"):
+    for start, batch in encode_documents.iter_chunks(texts(), total=len(doc_ids), show_progress=show_progress,
+                                                     desc="corpus"):  # fmt: skip
         if store is None:
-            store = open_index(index, batch.shape[1], capacity=len(docs.texts), collection="qembed_mine")
-        store.add(docs.ids[start : start + len(batch)], batch)
+            store = open_index(index, batch.shape[1], capacity=len(doc_ids), collection="qembed_mine")
+        store.add(doc_ids[start : start + len(batch)], batch)
     corpus_s = time.perf_counter() - t0
-    row_of = {doc_id: row for row, doc_id in enumerate(docs.ids)}
-    row_hashes = np.fromiter((text_hash(t) for t in docs.texts), dtype=np.int64, count=len(docs.texts))
-    corpus_hashes = set(row_hashes.tolist())
+    row_of = docs.rows if on_disk else {doc_id: row for row, doc_id in enumerate(doc_ids)}
+    sorted_hashes = np.sort(row_hashes)
 
     todo = records[done:]
     missing_positive = 0
@@ -247,7 +198,7 @@ def mine_hard_negatives(
                 offset += len(rec.pos)
                 hashes = frozenset(text_hash(t) for t in rec.pos)
                 rows = frozenset(row_of[d] for d in rec.pos_ids or [] if d in row_of)
-                if not rows and not hashes & corpus_hashes:
+                if not rows and not _any_in(hashes, sorted_hashes):
                     missing_positive += 1
                 inputs.append(QueryInput(float(pos_scores.max()), rows, hashes))
                 rec.record["pos_scores"] = [round(float(s), 6) for s in pos_scores]
@@ -258,7 +209,7 @@ def mine_hard_negatives(
 
         def guard(batch: list[tuple[int, list[Negative]]]) -> list[list[bool]]:
             """One chunk's candidates, all queries together, scored as one stream of pairs."""
-            pairs = [(records[number].query, docs.texts[c.row]) for number, cands in batch for c in cands]
+            pairs = [(records[number].query, docs[doc_ids[c.row]]) for number, cands in batch for c in cands]
             scores = iter(reranker.score_pairs(pairs, batch_tokens=batch_tokens, show_progress=False))
             return [[next(scores) <= reranker_max_score for _ in cands] for _, cands in batch]
 
@@ -269,14 +220,14 @@ def mine_hard_negatives(
                                            total=len(todo), show_progress=show_progress):  # fmt: skip
             for i, negatives in enumerate(selected):
                 record = dict(records[chunk.start + i].record)
-                record["neg"] = [docs.texts[n.row] for n in negatives]
-                record["neg_ids"] = [docs.ids[n.row] for n in negatives]
+                record["neg"] = [docs[doc_ids[n.row]] for n in negatives]
+                record["neg_ids"] = [doc_ids[n.row] for n in negatives]
                 record["neg_scores"] = [round(n.score, 6) for n in negatives]
                 out.write(record)
     summary = stats.summary(config)
     summary.update({
         "input": str(input), "output": str(output), "model": emb.name_or_path, "index": index,
-        "corpus_size": len(docs.ids), "records": len(records), "skipped_already_written": done,
+        "corpus_size": len(doc_ids), "records": len(records), "skipped_already_written": done,
         "queries_with_positive_not_in_corpus": missing_positive,
         "reranker": getattr(reranker, "name_or_path", None),
         "timings": {"corpus_encode_index_s": round(corpus_s, 3), "mining_s": round(time.perf_counter() - t0, 3),
@@ -287,25 +238,31 @@ def mine_hard_negatives(
     return MiningResult(output, summary, summary_path)
 
 
+def _any_in(values: frozenset[int], sorted_array: np.ndarray) -> bool:
+    wanted = np.fromiter(values, dtype=np.int64, count=len(values))
+    found = np.minimum(np.searchsorted(sorted_array, wanted), len(sorted_array) - 1)
+    return bool(np.any(sorted_array[found] == wanted))
+
+
 def resume_point(output: Path, records: list[PairRecord], overwrite: bool) -> int:
     """How many records `output` already holds (0 when absent or `overwrite`); checks they match the input."""
     if overwrite or not output.exists():
         if output.exists():
             output.unlink()
         return 0
-    written = list(iter_jsonl(output, allow_truncated_tail=True))
-    if len(written) > len(records):
-        raise QembedError(
-            f"{output} has more lines than the input has records: pass overwrite to start afresh"
-        )
-    for i, line in enumerate(written):
-        if line.get("query") != records[i].query:
+    written = 0
+    for written, line in enumerate(iter_jsonl(output, allow_truncated_tail=True), start=1):
+        if written > len(records):
             raise QembedError(
-                f"{output}:{i + 1} is not a result of this input: pass overwrite to start afresh"
+                f"{output} has more lines than the input has records: pass overwrite to start afresh"
+            )
+        if line.get("query") != records[written - 1].query:
+            raise QembedError(
+                f"{output}:{written} is not a result of this input: pass overwrite to start afresh"
             )
     if written:
-        log.warning("%s: resuming after %d record(s) already written", output, len(written))
-    return len(written)
+        log.warning("%s: resuming after %d record(s) already written", output, written)
+    return written
 
 
 def summary_lines(summary: dict) -> list[str]:

@@ -1,8 +1,8 @@
 """Hard-negative selection from a vector index, on vectors only (no model): the core of `qembed mine`.
 
 For each query, in this order: take the ranks `[range_min, range_max)` (0-based) of its ranking; remove its
-known positives (by row, and by identical normalised text when text hashes are given) and repeated texts;
-remove candidates scoring above `max_score`, below `min_score`, or above `pos_score - margin`
+known positives (by row, and by identical `qembed.data.text.normalize_text` when text hashes are given)
+and repeated texts; remove candidates scoring above `max_score`, below `min_score`, or above `pos_score - margin`
 (or `pos_score * (1 - relative_margin)`); optionally remove those a guard (a reranker) rejects; then keep the
 top `num_negatives` (or a seeded random sample of them, returned in rank order).
 """
@@ -10,7 +10,6 @@ top `num_negatives` (or a seeded random sample of them, returned in rank order).
 from __future__ import annotations
 
 import hashlib
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from qembed.data.text import normalize_text
 from qembed.errors import QembedError
 
 RULES = ("positive", "duplicate", "max_score", "min_score", "margin", "reranker")
@@ -58,11 +58,6 @@ class MiningConfig:
         if self.margin is not None:
             return pos_score - self.margin
         return float("inf")
-
-
-def normalize_text(text: str) -> str:
-    """Text as compared for identity: Unicode NFKC, case-folded, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def text_hash(text: str) -> int:

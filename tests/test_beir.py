@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from qembed.data.beir import RetrievalDataset, write_beir
+from qembed.data.corpus import CorpusFile
 from qembed.errors import QembedError
 
 
@@ -34,8 +35,8 @@ def test_nfcorpus_test_split(shared_dir):
     assert len(ds.queries) == 323 and set(ds.queries) == set(ds.qrels)
     assert sum(len(j) for j in ds.qrels.values()) == 12334
     assert {g for j in ds.qrels.values() for g in j.values()} == {1, 2}
-    doc = ds.corpus["MED-10"]
-    assert ds.doc_text("MED-10") == f"{doc['title']} {doc['text']}".strip()
+    raw = next(json.loads(line) for line in (shared_dir / "data/nfcorpus/corpus.jsonl").open() if '"MED-10"' in line)
+    assert ds.doc_text("MED-10") == ds.corpus["MED-10"] == f"{raw['title']} {raw['text']}".strip()
     assert ds.doc_texts()[ds.doc_ids.index("MED-10")] == ds.doc_text("MED-10")
 
 
@@ -46,7 +47,7 @@ def test_round_trip_and_text_joining(tmp_path):
     test = RetrievalDataset.load(tmp_path / "ds")
     assert test.qrels == {"q1": {"d1": 2, "d2": 0}}
     assert test.queries == {"q1": "first"}  # only queries judged in the split
-    assert test.doc_texts() == ["Title body", "only text"]
+    assert test.doc_texts() == ["Title body", "only text"] and test.corpus == {"d1": "Title body", "d2": "only text"}
     train = RetrievalDataset.load(tmp_path / "ds", split="train")
     assert train.queries == {"q2": "second"}
     train.save(tmp_path / "copy")
@@ -74,7 +75,7 @@ def test_unknown_ids_are_warned_and_skipped(tmp_path, caplog):
         (lambda p: p.joinpath("qrels", "test.tsv").unlink(), r"no qrels for split 'test'.*available: \['train'\]"),
         (lambda p: p.joinpath("corpus.jsonl").write_text(""), "the corpus is empty"),
         (lambda p: p.joinpath("corpus.jsonl").write_text(_doc("d1") + "\n{oops\n"), r"corpus.jsonl:2: invalid JSON"),
-        (lambda p: p.joinpath("queries.jsonl").write_text('{"text": "no id"}\n'), "record 1 has no '_id'"),
+        (lambda p: p.joinpath("queries.jsonl").write_text('{"text": "no id"}\n'), r"queries.jsonl:1: no '_id'"),
         (lambda p: p.joinpath("qrels", "test.tsv").write_text("query-id\tcorpus-id\tscore\n"), "no query of split"),
         (lambda p: p.joinpath("qrels", "test.tsv").write_text("h\th\th\nq1\td1\thigh\n"), r"test.tsv:2: score 'high'"),
         (lambda p: p.joinpath("qrels", "test.tsv").write_text("q1 d1 1\n"), "test.tsv:1: expected 3 tab-separated"),
@@ -101,6 +102,7 @@ def test_disk_corpus_matches_in_memory(shared_dir, tmp_path):
     assert disk.doc_ids == memory.doc_ids and disk.qrels == memory.qrels
     assert list(disk.iter_doc_texts()) == memory.doc_texts()
     assert disk.doc_text("MED-10") == memory.doc_text("MED-10") and "MED-10" in disk.corpus
+    assert isinstance(disk.corpus, CorpusFile) and isinstance(memory.corpus, dict)
     # Duplicate ids (last record wins) keep the same order and content as the in-memory reader.
     path = _write(tmp_path / "dup", [_doc("a", text="1"), _doc("b", text="2"), _doc("a", text="3"), _doc("c")],
                   [_query("q")], "q\ta\t1\n")

@@ -106,7 +106,7 @@ def test_changed_document_reencodes_only_it(tiny_dataset, tiny_embedder_path, tm
     ds = RetrievalDataset.load(tiny_dataset)
     first = evaluate(emb, ds, cache_dir=tmp_path, k=(5,))
     assert first[0]["timings"]["corpus_encoded"] == 32
-    ds.corpus["d3a"] = {"title": "soybean cyst", "text": "Rotate crops and use resistant varieties."}
+    ds.corpus["d3a"] = "soybean cyst Rotate crops and use resistant varieties."
     second = evaluate(emb, ds, cache_dir=tmp_path, k=(5,))
     assert second[0]["timings"]["corpus_encoded"] == 1 and second[0]["timings"]["queries_encoded"] == 0
     # The default instruction and a given text are different settings; the same text twice is one run.

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from qembed.cli import main
-from qembed.data.beir import read_corpus, read_qrels, read_queries, write_beir
+from qembed.data import corpus as corpus_module
+from qembed.data.beir import read_qrels, read_queries, write_beir
+from qembed.data.corpus import read_corpus
 from qembed.data.jsonl import read_jsonl, write_jsonl
+from qembed.data.text import normalize_text
 from qembed.errors import QembedError
 from qembed.mine import mine_hard_negatives
-from qembed.negatives import normalize_text
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +59,7 @@ def reference(nf_slice, minilm_path):
     st = SentenceTransformer(str(minilm_path), device="cpu")
     docs = read_corpus(nf_slice / "corpus.jsonl")
     queries = read_queries(nf_slice / "queries.jsonl")
-    ids = list(docs)
-    texts = [f"{d['title']} {d['text']}".strip() for d in docs.values()]
+    ids, texts = list(docs), list(docs.values())
     doc_vecs = st.encode(texts, normalize_embeddings=True, batch_size=64)
     qids = list(queries)
     q_vecs = st.encode([queries[q] for q in qids], normalize_embeddings=True)
@@ -159,8 +160,7 @@ def test_reranker_guard_drops_what_it_should(nf_slice, emb, cache, tmp_path, tin
     rows = []
     for qid in list(queries)[:6]:
         pos_ids = [d for d in qrels[qid]]
-        rows.append({"query": queries[qid], "pos": [f"{docs[d]['title']} {docs[d]['text']}".strip() for d in pos_ids],
-                     "pos_ids": pos_ids})  # fmt: skip
+        rows.append({"query": queries[qid], "pos": [docs[d] for d in pos_ids], "pos_ids": pos_ids})
     write_jsonl(pairs, rows)
     common = dict(corpus=nf_slice / "corpus.jsonl", cache_dir=cache, range_min=0, range_max=12, margin=None)
     mine_hard_negatives(emb, pairs, tmp_path / "all.jsonl", num_negatives=100, **common)
@@ -185,7 +185,7 @@ def test_reranker_guard_drops_what_it_should(nf_slice, emb, cache, tmp_path, tin
     assert result.summary["removed"]["reranker"] == dropped
 
 
-def test_edge_cases(emb, cache, tmp_path, capsys):
+def test_edge_cases(emb, cache, tmp_path, capsys, monkeypatch):
     docs = [
         "Apples are a sweet red fruit.", "apples are a  SWEET red fruit.",  # the same text twice
         "Broccoli is a green vegetable rich in fibre.", "Salmon contains omega-3 fatty acids.",
@@ -215,7 +215,9 @@ def test_edge_cases(emb, cache, tmp_path, capsys):
         assert not set(texts) & {normalize_text(p) for p in rec["pos"]}
         assert "old" not in rec["neg"]
     assert len(out[0]["neg"]) == 5  # both spellings of the positive removed
-    assert "1" not in out[0]["neg_ids"] and "0" not in out[0]["neg_ids"]
+    # .txt ids are 1-based line numbers: lines 1-2 are the apples, 5-6 the same tea text
+    assert set(out[0]["neg_ids"]) - {"5", "6"} == {"3", "4", "7", "8"}
+    assert all(docs[int(i) - 1] == t for r in out for i, t in zip(r["neg_ids"], r["neg"]))
 
     # resume: a run killed after one line (and half of the next) ends with the same file
     full = (tmp_path / "out.jsonl").read_text()
@@ -224,6 +226,13 @@ def test_edge_cases(emb, cache, tmp_path, capsys):
     again = mine_hard_negatives(emb, pairs, tmp_path / "out.jsonl", corpus=corpus, **rules)
     assert again.summary["skipped_already_written"] == 1 and again.summary["queries"] == 2
     assert (tmp_path / "out.jsonl").read_text() == full
+
+    # the same with the corpus kept on disk (ids and byte offsets only), as for files over 1 GiB
+    monkeypatch.setattr(corpus_module, "IN_MEMORY_MAX_BYTES", 0)
+    assert isinstance(corpus_module.open_corpus(corpus), corpus_module.CorpusFile)
+    mine_hard_negatives(emb, pairs, tmp_path / "disk.jsonl", corpus=corpus, **rules)
+    assert (tmp_path / "disk.jsonl").read_text() == full
+    monkeypatch.undo()
 
     # the same through Milvus Lite
     mine_hard_negatives(
@@ -247,7 +256,7 @@ def test_edge_cases(emb, cache, tmp_path, capsys):
             emb, tmp_path / "empty.jsonl", tmp_path / "x.jsonl", corpus=corpus, cache_dir=cache
         )
     write_jsonl(tmp_path / "nopos.jsonl", [{"query": "q", "pos": []}])
-    with pytest.raises(QembedError, match="record 1"):
+    with pytest.raises(QembedError, match=r"nopos.jsonl:1: 'pos'"):
         mine_hard_negatives(
             emb, tmp_path / "nopos.jsonl", tmp_path / "x.jsonl", corpus=corpus, cache_dir=cache
         )

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from qembed.data.text import normalize_text
 from qembed.errors import QembedError
 from qembed.index import open_index
 from qembed.negatives import (
@@ -11,7 +12,6 @@ from qembed.negatives import (
     QueryChunk,
     QueryInput,
     mine_chunks,
-    normalize_text,
     select_negatives,
     text_hash,
 )
@@ -81,6 +81,7 @@ def test_text_identity():
     assert normalize_text("  Hello\u00a0 WORLD\n") == "hello world"
     assert text_hash("Ｆｏｏ  bar") == text_hash("foo bar")
     assert text_hash("foo") != text_hash("food")
+    assert text_hash("Rice-blast, again!") == text_hash("rice blast again")  # punctuation does not count
 
 
 def test_mine_chunks_matches_brute_force_and_is_chunking_independent():

@@ -13,7 +13,7 @@ import pytest
 
 from qembed.data.jsonl import read_jsonl, write_jsonl
 from qembed.errors import QembedError
-from qembed.synth.filter import filter_file, filter_records, length_bucket, normalise_query
+from qembed.synth.filter import filter_file, filter_records, length_bucket
 
 ROOT = Path(__file__).resolve().parent.parent
 RICE = "Rice blast is a fungal disease of rice. Farmers control rice blast by spraying fungicides and planting resistant varieties."
@@ -42,12 +42,6 @@ def minilm(minilm_path):
     from qembed import Embedder
 
     return Embedder.from_pretrained(str(minilm_path), device="cpu")
-
-
-def test_normalise_query():
-    assert normalise_query("  How to control RICE-blast disease?? ") == "how to control rice blast disease"
-    assert normalise_query("水稻，怎么种？") == normalise_query("水稻 怎么种")
-    assert normalise_query("ｆｕｌｌ　ｗｉｄｔｈ") == "full width"  # NFKC
 
 
 def test_filter_keeps_related_drops_unrelated_and_duplicates(minilm):

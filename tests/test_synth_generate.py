@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from llm_server import CASES, ScriptedLLMServer
 
+from qembed.data.corpus import Document
 from qembed.data.jsonl import read_jsonl
 from qembed.errors import QembedError
-from qembed.synth.corpus import Document, read_corpus
 from qembed.synth.generate import SynthConfig, rejects_path, split_sentences, synthesize
 from qembed.synth.llm import OpenAIChat, RetryPolicy
 from qembed.synth.personas import PersonaMatcher
@@ -168,16 +168,6 @@ def test_rejected_api_key_stops_the_run(server, tmp_path):
                    config=SynthConfig(concurrency=2), show_progress=False)  # fmt: skip
     assert len(server.requests) <= 2  # stopped at once, not one failure per document
     assert read_jsonl(tmp_path / "o.jsonl") == []
-
-
-def test_read_corpus_formats(tmp_path):
-    beir = tmp_path / "corpus.jsonl"
-    beir.write_text('{"_id": "a", "title": "Rice", "text": "blast"}\n{"_id": "b", "title": "", "text": "maize"}\n')
-    assert read_corpus(beir) == [Document("a", "Rice blast"), Document("b", "maize")]
-    txt = tmp_path / "docs.txt"
-    txt.write_text("first\n\nthird\n")
-    assert read_corpus(txt) == [Document("1", "first"), Document("3", "third")]
-    assert read_corpus(txt, limit=1) == [Document("1", "first")]
 
 
 def _cli(*args):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from qembed.data.corpus import Document
 from qembed.data.jsonl import read_jsonl
-from qembed.synth.corpus import Document
 from qembed.synth.generate import SynthConfig, rejects_path, synthesize
 from qembed.synth.llm import CHATML_TEMPLATE, LocalChat
 from qembed.synth.personas import PersonaMatcher

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from qembed.data.texts import read_texts
+from qembed.data.corpus import iter_corpus
 from qembed.errors import QembedError
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("embed", help="embed texts from a .txt or .jsonl file")
     p.add_argument("--model", required=True, help="local folder or hub id")
-    p.add_argument("--input", required=True, help=".txt (one text per line) or .jsonl")
+    p.add_argument("--input", required=True, help=".txt (one text per line), .jsonl or a BEIR folder")
     p.add_argument("--field", default="text", help="text field of .jsonl records (default: text)")
     p.add_argument("--query", action="store_true", help="embed as queries (with the model's query instruction)")
     p.add_argument("--instruction", help="query instruction (implies --query)")
@@ -31,7 +31,8 @@ def run(args) -> int:
     output = Path(args.output)
     if output.suffix not in (".npy", ".jsonl"):
         raise QembedError(f"--output must end in .npy or .jsonl, got {output.name}")
-    texts = read_texts(args.input, field=args.field)
+    docs = list(iter_corpus(args.input, text_field=args.field, keep_blank=True))  # row i = document i
+    texts = [doc.text for doc in docs]
     embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     try:
         embedder._check_dim(args.dim)
@@ -48,7 +49,8 @@ def run(args) -> int:
         np.save(output, vectors)
     else:
         with output.open("w", encoding="utf-8") as f:
-            for index, (text, vector) in enumerate(zip(texts, vectors)):
-                f.write(json.dumps({"index": index, "text": text, "embedding": vector.tolist()}, ensure_ascii=False) + "\n")
+            for index, (doc, vector) in enumerate(zip(docs, vectors)):
+                record = {"index": index, "id": doc.doc_id, "text": doc.text, "embedding": vector.tolist()}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
     print(f"wrote {len(texts)} embeddings of dimension {vectors.shape[1]} to {output}")
     return 0

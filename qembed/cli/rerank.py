@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from qembed.data.texts import read_texts
+from qembed.data.corpus import read_texts
 
 
 def add_parser(subparsers) -> None:

@@ -4,31 +4,31 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qembed.data.jsonl import iter_jsonl, parse_jsonl_line, write_jsonl
+from qembed.data.corpus import open_corpus, record_id
+from qembed.data.jsonl import iter_numbered_jsonl, write_jsonl
 from qembed.errors import QembedError
 
 log = logging.getLogger(__name__)
 
 Qrels = dict[str, dict[str, int]]
-IN_MEMORY_MAX_BYTES = 1 << 30  # larger corpus files are read from disk on demand (see `DiskCorpus`)
 
 
 @dataclass
 class RetrievalDataset:
     """A document collection, queries and graded relevance judgments for one split.
 
-    `corpus` maps doc id -> {"title", "text"} (a dict, or a `DiskCorpus` for collections too large to hold
-    as text); `queries` maps query id -> text (only the queries judged in `qrels`); `qrels` maps query
-    id -> {doc id: grade}.
+    `corpus` maps doc id -> the text encoded for retrieval (title and text joined by
+    `qembed.data.text.join_title`): a dict, or a `CorpusFile` for collections too large to hold as text
+    (see `qembed.data.corpus`); `queries` maps query id -> text (only the queries judged in `qrels`);
+    `qrels` maps query id -> {doc id: grade}.
     """
 
-    corpus: Mapping[str, dict[str, str]]
+    corpus: Mapping[str, str]
     queries: dict[str, str]
     qrels: Qrels
     name: str = ""
@@ -40,18 +40,13 @@ class RetrievalDataset:
         """Load a BEIR folder. Judgments naming an unknown document or query are skipped with a warning;
         missing files, an empty corpus or a split with no usable query raise `QembedError`.
 
-        `in_memory=False` keeps only document ids and file offsets in memory (`DiskCorpus`); the default
-        does so for corpus files over 1 GiB.
+        `in_memory=False` keeps only document ids and file offsets in memory (`CorpusFile`); the default
+        does so for corpus files over 1 GiB. Blank documents are kept, as in the dataset.
         """
         path = Path(path)
         if not path.is_dir():
             raise QembedError(f"dataset folder not found: {path}")
-        corpus_path = path / "corpus.jsonl"
-        if in_memory is None:
-            in_memory = not corpus_path.is_file() or corpus_path.stat().st_size <= IN_MEMORY_MAX_BYTES
-        corpus = read_corpus(corpus_path) if in_memory else DiskCorpus(corpus_path)
-        if not corpus:
-            raise QembedError(f"{path / 'corpus.jsonl'}: the corpus is empty")
+        corpus = open_corpus(path / "corpus.jsonl", keep_blank=True, in_memory=in_memory)
         qrels_path = path / "qrels" / f"{split}.tsv"
         if not qrels_path.is_file():
             available = sorted(p.stem for p in (path / "qrels").glob("*.tsv")) if (path / "qrels").is_dir() else []
@@ -89,101 +84,31 @@ class RetrievalDataset:
         return list(self.queries)
 
     def doc_text(self, doc_id: str) -> str:
-        """The text encoded for retrieval: `title + " " + text`, stripped (as BEIR and MTEB do)."""
-        doc = self.corpus[doc_id]
-        return f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
+        """The text encoded for retrieval (title and text joined)."""
+        return self.corpus[doc_id]
 
     def doc_texts(self) -> list[str]:
         """Encoded texts of every document, in `doc_ids` order."""
         return list(self.iter_doc_texts())
 
     def iter_doc_texts(self) -> Iterator[str]:
-        """Encoded texts in `doc_ids` order, one at a time (a `DiskCorpus` is read sequentially)."""
-        docs = self.corpus.iter_docs() if isinstance(self.corpus, DiskCorpus) else self.corpus.values()
-        for doc in docs:
-            yield f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
+        """Encoded texts in `doc_ids` order, one at a time (a `CorpusFile` is read sequentially)."""
+        return iter(self.corpus.values())
 
     def save(self, path: str | Path) -> None:
         """Write this dataset as a BEIR folder (its qrels under `qrels/{split}.tsv`)."""
         write_beir(path, self.corpus, self.queries, {self.split: self.qrels})
 
 
-def read_corpus(path: Path) -> dict[str, dict[str, str]]:
-    corpus: dict[str, dict[str, str]] = {}
-    duplicates = 0
-    for number, record in enumerate(iter_jsonl(path), start=1):
-        doc_id, doc = _corpus_record(record, path, number)
-        duplicates += doc_id in corpus
-        corpus[doc_id] = doc
-    if duplicates:
-        log.warning("%s: %d duplicate document id(s); the last record of each wins", path, duplicates)
-    return corpus
-
-
-class DiskCorpus(Mapping):
-    """A `corpus.jsonl` read on demand: holds only each document's id and byte offset.
-
-    Opening validates every line (a malformed one raises `QembedError` with its line number);
-    `corpus[doc_id]` reads one record; `iter_docs()` streams them in order.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise QembedError(f"file not found: {self.path}")
-        self._offsets: dict[str, int] = {}
-        duplicates = 0
-        with self.path.open("rb") as f:
-            offset = 0
-            for number, raw in enumerate(f, start=1):
-                if raw.strip():
-                    doc_id, _ = _corpus_record(parse_jsonl_line(raw, self.path, number), self.path, number)
-                    duplicates += doc_id in self._offsets
-                    self._offsets[doc_id] = offset
-                offset += len(raw)
-        if duplicates:
-            log.warning("%s: %d duplicate document id(s); the last record of each wins", self.path, duplicates)
-        self._file = None
-
-    def __getitem__(self, doc_id: str) -> dict[str, str]:
-        offset = self._offsets[doc_id]
-        if self._file is None:
-            self._file = self.path.open("rb")
-        self._file.seek(offset)
-        return _corpus_record(json.loads(self._file.readline()), self.path, 0)[1]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._offsets)
-
-    def __len__(self) -> int:
-        return len(self._offsets)
-
-    def __contains__(self, doc_id: object) -> bool:
-        return doc_id in self._offsets
-
-    def iter_docs(self) -> Iterator[dict[str, str]]:
-        """Documents in `iter(self)` order, read sequentially when the file has no duplicate ids."""
-        with self.path.open("rb") as f:
-            offset = 0
-            expected = iter(self._offsets.items())
-            pending = next(expected, None)
-            for raw in f:
-                if pending is not None and offset == pending[1]:
-                    yield _corpus_record(json.loads(raw), self.path, 0)[1]
-                    pending = next(expected, None)
-                offset += len(raw)
-        while pending is not None:  # ids whose last record comes after a later-listed id (duplicates)
-            yield self[pending[0]]
-            pending = next(expected, None)
-
-
 def read_queries(path: Path) -> dict[str, str]:
+    """`{query id: text}` of a BEIR `queries.jsonl` (every record needs an `_id` or `id`)."""
     queries: dict[str, str] = {}
-    for number, record in enumerate(iter_jsonl(path), start=1):
-        query_id = _record_id(record, path, number)
-        text = record.get("text")
+    for number, record in iter_numbered_jsonl(path):
+        query_id, text = record_id(record, path, number), record.get("text")
+        if query_id is None:
+            raise QembedError(f"{path}:{number}: no '_id'")
         if not isinstance(text, str):
-            raise QembedError(f"{path}: record {number} ({query_id}): 'text' must be a string")
+            raise QembedError(f"{path}:{number} ({query_id}): 'text' must be a string")
         queries[query_id] = text
     return queries
 
@@ -207,13 +132,14 @@ def read_qrels(path: Path) -> Qrels:
     return qrels
 
 
-def write_beir(path: str | Path, corpus: dict[str, dict[str, str]], queries: dict[str, str],
+def write_beir(path: str | Path, corpus: Mapping[str, str | dict[str, str]], queries: Mapping[str, str],
                qrels_by_split: dict[str, Qrels]) -> None:
-    """Write a BEIR folder: `corpus.jsonl`, `queries.jsonl` and one `qrels/{split}.tsv` per split."""
+    """Write a BEIR folder: `corpus.jsonl`, `queries.jsonl` and one `qrels/{split}.tsv` per split.
+
+    Corpus values are texts (written with an empty title) or `{"title", "text"}` dicts."""
     path = Path(path)
-    write_jsonl(path / "corpus.jsonl",
-                [{"_id": i, "title": d.get("title", ""), "text": d.get("text", "")} for i, d in corpus.items()])
-    write_jsonl(path / "queries.jsonl", [{"_id": i, "text": t} for i, t in queries.items()])
+    write_jsonl(path / "corpus.jsonl", ({"_id": i, **_title_text(d)} for i, d in corpus.items()))
+    write_jsonl(path / "queries.jsonl", ({"_id": i, "text": t} for i, t in queries.items()))
     (path / "qrels").mkdir(parents=True, exist_ok=True)
     for split, qrels in qrels_by_split.items():
         lines = ["query-id\tcorpus-id\tscore"]
@@ -221,17 +147,7 @@ def write_beir(path: str | Path, corpus: dict[str, dict[str, str]], queries: dic
         (path / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _corpus_record(record: dict, path: Path, number: int) -> tuple[str, dict[str, str]]:
-    doc_id = _record_id(record, path, number)
-    text = record.get("text")
-    title = record.get("title") or ""
-    if not isinstance(text, str) or not isinstance(title, str):
-        raise QembedError(f"{path}: record {number} ({doc_id}): 'text' and 'title' must be strings")
-    return doc_id, {"title": title, "text": text}
-
-
-def _record_id(record: dict, path: Path, number: int) -> str:
-    value = record.get("_id")
-    if value is None or isinstance(value, (dict, list)) or str(value) == "":
-        raise QembedError(f"{path}: record {number} has no '_id'")
-    return str(value)
+def _title_text(doc: str | dict[str, str]) -> dict[str, str]:
+    if isinstance(doc, str):
+        return {"title": "", "text": doc}
+    return {"title": doc.get("title") or "", "text": doc.get("text") or ""}

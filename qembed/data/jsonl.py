@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,28 +12,39 @@ from qembed.errors import QembedError
 
 
 def iter_jsonl(path: str | Path, *, allow_truncated_tail: bool = False) -> Iterator[dict[str, Any]]:
-    """Yield one dict per non-blank line.
+    """Yield one dict per non-blank line, reading the file line by line (never whole).
 
     A malformed line raises `QembedError` naming the file and line number. With
     `allow_truncated_tail`, a malformed *last* line without a trailing newline (a run killed
     mid-write) is ignored instead.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise QembedError(f"file not found: {path}")
-    with path.open("rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    ends_with_newline = data.endswith(b"\n")
-    for number, raw in enumerate(lines, start=1):
+    for _, record in iter_numbered_jsonl(path, allow_truncated_tail=allow_truncated_tail):
+        yield record
+
+
+def iter_numbered_jsonl(path: str | Path, *, allow_truncated_tail: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`(line number from 1, record)` for every non-blank line: `iter_jsonl` with line numbers for messages."""
+    for number, _, raw in iter_lines(path):
         if not raw.strip():
             continue
-        if allow_truncated_tail and number == len(lines) and not ends_with_newline:
+        if allow_truncated_tail and not raw.endswith(b"\n"):  # only the last line can lack its newline
             try:
                 json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 return  # a partial last line left by a killed writer
-        yield parse_jsonl_line(raw, path, number)
+        yield number, parse_jsonl_line(raw, path, number)
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, int, bytes]]:
+    """`(line number from 1, byte offset, raw line with its newline)` for every line of a file, streamed."""
+    path = Path(path)
+    if not path.is_file():
+        raise QembedError(f"file not found: {path}")
+    with path.open("rb") as f:
+        offset = 0
+        for number, raw in enumerate(f, start=1):
+            yield number, offset, raw
+            offset += len(raw)
 
 
 def parse_jsonl_line(raw: bytes | str, path: str | Path, number: int) -> dict[str, Any]:
@@ -52,17 +63,28 @@ def read_jsonl(path: str | Path, **kwargs: Any) -> list[dict[str, Any]]:
 
 
 def drop_truncated_tail(path: str | Path) -> int:
-    """Cut a partial last line (no trailing newline) left by a killed writer. Returns bytes removed."""
+    """Cut a partial last line (no trailing newline) left by a killed writer. Returns bytes removed.
+
+    Reads backwards from the end only as far as the last newline, never the whole file."""
     path = Path(path)
     if not path.exists():
         return 0
     with path.open("rb+") as f:
-        data = f.read()
-        if not data or data.endswith(b"\n"):
-            return 0
-        keep = data.rfind(b"\n") + 1
+        size = f.seek(0, os.SEEK_END)
+        end, keep = size, 0
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            f.seek(start)
+            block = f.read(end - start)
+            if end == size and block.endswith(b"\n"):
+                return 0
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
         f.truncate(keep)
-        return len(data) - keep
+        return size - keep
 
 
 class JsonlAppender:
@@ -95,7 +117,7 @@ class JsonlAppender:
         self.close()
 
 
-def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     """Write records to a fresh JSONL file (atomically replaced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qembed.data.beir import write_beir
+from qembed.data.jsonl import parse_jsonl_line
 from qembed.errors import QembedError
 
 FORMATS = ("json", "jsonl", "csv")
@@ -111,7 +112,7 @@ def qa_to_beir(
     test = {f"q{i}": questions[texts[i]] for i in sorted(order[:num_test])}
     train = {f"q{i}": questions[texts[i]] for i in sorted(order[num_test:])}
 
-    corpus = {doc_id: {"title": "", "text": text} for text, doc_id in answers.items()}
+    corpus = {doc_id: text for text, doc_id in answers.items()}
     write_beir(output, corpus, {f"q{i}": text for i, text in enumerate(texts)}, {"train": train, "test": test})
     summary.num_docs, summary.num_queries = len(corpus), len(texts)
     summary.num_train, summary.num_test = len(train), len(test)
@@ -140,18 +141,8 @@ def read_rows(path: Path, *, format: str | None = None, encoding: str = "utf-8")
             raise QembedError(f"{path}: expected a JSON array of objects")
         return data
     if format == "jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise QembedError(f"{path}:{number}: invalid JSON line ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise QembedError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            rows.append(record)
-        return rows
+        lines = enumerate(text.splitlines(), start=1)
+        return [parse_jsonl_line(line, path, number) for number, line in lines if line.strip()]
     try:
         return list(csv.DictReader(io.StringIO(text, newline="")))
     except csv.Error as exc:

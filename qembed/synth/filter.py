@@ -4,25 +4,18 @@ queries, and report what was dropped and how the data's make-up changed."""
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qembed.data.jsonl import iter_jsonl, write_jsonl
+from qembed.data.text import normalize_text
 from qembed.errors import QembedError
 from qembed.synth.parsing import detect_language, length_unit, text_length
 
 REPORT_FIELDS = ("question_type", "difficulty", "language", "length")
 _BUCKETS = {"words": (5, 10, 20, 40), "chars": (10, 20, 40, 80)}
-
-
-def normalise_query(text: str) -> str:
-    """Text for near-duplicate detection: NFKC, casefolded, punctuation and whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(re.sub(r"[\W_]+", " ", text).split())
 
 
 def length_bucket(record: dict[str, Any]) -> str:
@@ -100,7 +93,7 @@ def filter_records(records: list[dict[str, Any]], embedder: Any, *, threshold: f
             dropped[f"cosine <= {threshold:g}"] += 1
             continue
         query = record["query"]
-        norm = normalise_query(query)
+        norm = normalize_text(query)
         if query in seen_exact:
             dropped["duplicate query"] += 1
             continue

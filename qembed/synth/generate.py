@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qembed.data.corpus import Document
 from qembed.data.jsonl import JsonlAppender, iter_jsonl
+from qembed.data.text import normalize_text
 from qembed.errors import QembedError
 from qembed.synth import prompts
-from qembed.synth.corpus import Document
 from qembed.synth.llm import ChatLLM, LLMError
 from qembed.synth.parsing import (
     ParseError,
@@ -189,7 +190,7 @@ async def _sts(job: _Job, llm: ChatLLM, cfg: SynthConfig, rng: random.Random) ->
         text = parse_text(raw, "paraphrase")
         check_language(text, language)
         check_length(text, length, unit)
-        if " ".join(text.casefold().split()) == " ".join(sentence.casefold().split()):
+        if normalize_text(text) == normalize_text(sentence):
             raise ParseError("the paraphrase repeats the sentence word for word")
         return text
 
@@ -360,15 +361,15 @@ def synthesize_corpus(
     limit: int | None = None,
     show_progress: bool | None = None,
 ) -> SynthStats:
-    """`synthesize` over a corpus file (see `read_corpus`): loads the persona library (the shipped one
+    """`synthesize` over a corpus file (read by `qembed.data.corpus.read_corpus`): loads the persona library (the shipped one
     when `personas` is None) and, when it has more than five entries, `embed_model` to match them.
     `llm` may be a zero-argument factory, called once the inputs have been read and checked."""
-    from qembed.synth.corpus import read_corpus
+    from qembed.data.corpus import read_corpus
     from qembed.synth.personas import load_personas
 
     cfg = config or SynthConfig()
     try:
-        docs = read_corpus(corpus, text_field=text_field, limit=limit)
+        docs = [Document(*item) for item in read_corpus(corpus, text_field=text_field, limit=limit).items()]
         matcher = None
         if cfg.task == "retrieval":
             library = load_personas(personas)

@@ -10,6 +10,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+from qembed.data.text import normalize_text
 from qembed.synth.prompts import DIFFICULTIES, QUESTION_TYPES
 
 
@@ -83,10 +84,6 @@ def normalise_choice(value: Any, allowed: tuple[str, ...], aliases: dict[str, st
     raise ParseError(f"{field} {value!r} is not one of {', '.join(allowed)}")
 
 
-def _norm_text(s: str) -> str:
-    return " ".join(re.sub(r"[\W_]+", " ", unicodedata.normalize("NFKC", s).casefold()).split())
-
-
 def match_character(value: Any, candidates: list[str]) -> str:
     """The candidate the model meant: exact or normalised match, its list number, a unique containment,
     or a close fuzzy match. Raises `ParseError` otherwise."""
@@ -96,8 +93,8 @@ def match_character(value: Any, candidates: list[str]) -> str:
         raise ParseError("Character must be one of the listed descriptions")
     if value in candidates:
         return value
-    norm = _norm_text(value)
-    normed = [_norm_text(c) for c in candidates]
+    norm = normalize_text(value)
+    normed = [normalize_text(c) for c in candidates]
     for cand, n in zip(candidates, normed):
         if n == norm:
             return cand

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from qembed.data.jsonl import parse_jsonl_line
 from qembed.errors import QembedError
 
 PERSONA_FIELDS = ("persona", "input persona", "description", "text")
@@ -24,10 +24,7 @@ def _from_lines(lines: list[str], source: str) -> list[str]:
         if not line:
             continue
         if line.startswith("{"):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise QembedError(f"{source}:{number}: invalid JSON line") from None
+            record = parse_jsonl_line(line, source, number)
             value = next((record[f] for f in PERSONA_FIELDS if isinstance(record.get(f), str)), None)
             if value is None:
                 raise QembedError(f"{source}:{number}: no persona field (expected one of {', '.join(PERSONA_FIELDS)})")

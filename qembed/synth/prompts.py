@@ -96,29 +96,28 @@ Reply with a single JSON object and nothing else: {{"query": "<your query>"}}"""
 
 def sts_messages(sentence: str, language: str) -> list[dict[str, str]]:
     """Symmetric pairs: a paraphrase of one sentence, same meaning, different wording."""
-    user = f"""Rewrite the sentence below so that it keeps exactly the same meaning but uses different wording \
-and sentence structure. Write it in {language_name(language)}. Do not add or drop information.
-
-Sentence:
-<sentence>
-{sentence}
-</sentence>
-
-Reply with a single JSON object and nothing else: {{"paraphrase": "<your sentence>"}}"""
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    task = f"""Rewrite the sentence below so that it keeps exactly the same meaning but uses different wording \
+and sentence structure. Write it in {language_name(language)}. Do not add or drop information."""
+    return _rewrite_messages(task, "sentence", sentence, "paraphrase", "your sentence")
 
 
 def bitext_messages(text: str, source: str, target: str) -> list[dict[str, str]]:
     """Bitext pairs: a faithful translation into another language."""
-    user = f"""Translate the {language_name(source)} text below into {language_name(target)}. Translate \
-faithfully and fluently; keep names, numbers and technical terms accurate.
+    task = f"""Translate the {language_name(source)} text below into {language_name(target)}. Translate \
+faithfully and fluently; keep names, numbers and technical terms accurate."""
+    return _rewrite_messages(task, "text", text, "translation", "your translation")
 
-Text:
-<text>
-{text}
-</text>
 
-Reply with a single JSON object and nothing else: {{"translation": "<your translation>"}}"""
+def _rewrite_messages(task: str, tag: str, content: str, key: str, placeholder: str) -> list[dict[str, str]]:
+    """A task over one quoted piece of text, answered as `{key: ...}` JSON."""
+    user = f"""{task}
+
+{tag.capitalize()}:
+<{tag}>
+{content}
+</{tag}>
+
+Reply with a single JSON object and nothing else: {{"{key}": "<{placeholder}>"}}"""
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qembed.data.jsonl import iter_jsonl
+from qembed.data.pairs import iter_pairs
 from qembed.errors import QembedError
 
 
@@ -28,38 +28,19 @@ class TrainRecord:
 
 
 def read_training_data(paths: Sequence[str | Path]) -> list[TrainRecord]:
-    """Records of every file, in order; a malformed record raises `QembedError` naming file and line."""
+    """Records of every file, in order; a malformed record raises `QembedError` naming file and line
+    (the schema: `qembed.data.pairs`)."""
     if not paths:
         raise QembedError("no training data given")
     records = []
     for source, path in enumerate(paths):
         count = 0
-        for number, raw in enumerate(iter_jsonl(path), start=1):
-            records.append(_parse(raw, f"{path}:{number}", source))
+        for _, pair in iter_pairs(path):
+            records.append(TrainRecord(pair.query, pair.pos, pair.neg, pair.instruction, source))
             count += 1
         if count == 0:
             raise QembedError(f"{path}: no training records")
     return records
-
-
-def _parse(raw: dict, where: str, source: int) -> TrainRecord:
-    query = raw.get("query")
-    if not isinstance(query, str) or not query.strip():
-        raise QembedError(f"{where}: 'query' must be a non-empty string")
-    pos = raw.get("pos")
-    if isinstance(pos, str):
-        pos = [pos]
-    if not isinstance(pos, list) or not pos or not all(isinstance(p, str) for p in pos):
-        raise QembedError(f"{where}: 'pos' must be a non-empty list of strings")
-    neg = raw.get("neg") or []
-    if isinstance(neg, str):
-        neg = [neg]
-    if not isinstance(neg, list) or not all(isinstance(n, str) for n in neg):
-        raise QembedError(f"{where}: 'neg' must be a list of strings")
-    instruction = raw.get("instruction")
-    if instruction is not None and not isinstance(instruction, str):
-        raise QembedError(f"{where}: 'instruction' must be a string")
-    return TrainRecord(query=query, pos=pos, neg=neg, instruction=instruction or None, source=source)
 
 
 def epoch_batches(

@@ -1,0 +1,198 @@
+"""Corpus files: the one reader of documents, used by `synth`, `mine`, `eval`, `embed`, `rerank` and `index`.
+
+Formats: a BEIR folder (its `corpus.jsonl`), any `.jsonl` with a text field, or a `.txt` file with one
+document per line. A document's text is `join_title(title, text)` (a JSONL `title` is optional).
+
+Ids: a JSONL record's `_id`, else its `id`, else its 1-based line number in the file; a `.txt` document's
+id is its 1-based line number. Line numbers count blank lines, so an id stays the same when the same file
+is read again, names the line an editor (and every error message) shows, and is the same in every command.
+A repeated id keeps its first position and its last text, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import Iterator, Mapping, ValuesView
+from pathlib import Path
+from typing import NamedTuple
+
+from qembed.data.jsonl import iter_lines, parse_jsonl_line
+from qembed.data.text import join_title
+from qembed.errors import QembedError
+
+log = logging.getLogger(__name__)
+
+ID_FIELDS = ("_id", "id")
+IN_MEMORY_MAX_BYTES = 1 << 30  # `open_corpus` keeps larger files on disk (`CorpusFile`)
+
+
+class Document(NamedTuple):
+    doc_id: str
+    text: str
+
+
+def iter_corpus(path: str | Path, *, text_field: str = "text", keep_blank: bool = False) -> Iterator[Document]:
+    """Stream the documents of a corpus file or BEIR folder in file order, one line at a time.
+
+    Blank documents are skipped (with a logged count) unless `keep_blank`; bad records raise `QembedError`
+    naming the file and line."""
+    for _, doc in _iter_with_offsets(corpus_path(path), text_field, keep_blank):
+        yield doc
+
+
+def read_corpus(path: str | Path, *, text_field: str = "text", limit: int | None = None,
+                keep_blank: bool = False) -> dict[str, str]:
+    """The first `limit` (default: all) distinct documents in memory, as `{doc_id: text}` in file order."""
+    path = corpus_path(path)
+    corpus: dict[str, str] = {}
+    duplicates = 0
+    for doc in iter_corpus(path, text_field=text_field, keep_blank=keep_blank):
+        if limit is not None and len(corpus) >= limit and doc.doc_id not in corpus:
+            break
+        duplicates += doc.doc_id in corpus
+        corpus[doc.doc_id] = doc.text
+    _check(path, len(corpus), duplicates)
+    return corpus
+
+
+def open_corpus(path: str | Path, *, text_field: str = "text", keep_blank: bool = False,
+                in_memory: bool | None = None) -> Mapping[str, str]:
+    """`{doc_id: text}`: a dict (`read_corpus`), or for files over 1 GiB (or `in_memory=False`) a
+    `CorpusFile` that holds only ids and byte offsets."""
+    path = corpus_path(path)
+    if in_memory is None:
+        in_memory = not path.is_file() or path.stat().st_size <= IN_MEMORY_MAX_BYTES
+    if in_memory:
+        return read_corpus(path, text_field=text_field, keep_blank=keep_blank)
+    return CorpusFile(path, text_field=text_field, keep_blank=keep_blank)
+
+
+def read_texts(path: str | Path, *, field: str = "text") -> list[str]:
+    """Every document's text in file order, blank ones included (so row i is document i of the file)."""
+    return [doc.text for doc in iter_corpus(path, text_field=field, keep_blank=True)]
+
+
+def corpus_path(path: str | Path) -> Path:
+    """A BEIR folder's `corpus.jsonl`, else `path` itself."""
+    path = Path(path)
+    return path / "corpus.jsonl" if path.is_dir() else path
+
+
+class CorpusFile(Mapping):
+    """`{doc_id: text}` read from disk on demand: memory holds each document's id and byte offset only.
+
+    Opening reads the file once and validates every record. `corpus[doc_id]` and `text(row)` read one
+    line; `values()` streams the texts in order.
+    """
+
+    def __init__(self, path: str | Path, *, text_field: str = "text", keep_blank: bool = False) -> None:
+        self.path = corpus_path(path)
+        self._options = (text_field, keep_blank)
+        self.ids: list[str] = []
+        self._rows: dict[str, int] = {}
+        self._offsets = array("q")
+        duplicates = 0
+        for offset, doc in _iter_with_offsets(self.path, text_field, keep_blank):
+            row = self._rows.get(doc.doc_id)
+            if row is None:
+                self._rows[doc.doc_id] = len(self.ids)
+                self.ids.append(doc.doc_id)
+                self._offsets.append(offset)
+            else:
+                duplicates += 1
+                self._offsets[row] = offset
+        _check(self.path, len(self.ids), duplicates)
+        self._in_order = duplicates == 0
+        self._file = None
+
+    def text(self, row: int) -> str:
+        """The text of the document at position `row` (in `ids` order)."""
+        if self._file is None:
+            self._file = self.path.open("rb")
+        self._file.seek(self._offsets[row])
+        doc = _parse(self._file.readline(), self.path, 0, self._options[0], self.path.suffix == ".jsonl")
+        return doc.text
+
+    @property
+    def rows(self) -> Mapping[str, int]:
+        """`{doc_id: row}` (the position in `ids`)."""
+        return self._rows
+
+    def __getitem__(self, doc_id: str) -> str:
+        return self.text(self._rows[doc_id])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._rows
+
+    def values(self) -> ValuesView:
+        return _StreamedTexts(self)
+
+    def iter_texts(self) -> Iterator[str]:
+        """Texts in `ids` order, read sequentially (one seek per document only when ids repeat)."""
+        if self._in_order:
+            for _, doc in _iter_with_offsets(self.path, *self._options):
+                yield doc.text
+        else:
+            for row in range(len(self.ids)):
+                yield self.text(row)
+
+
+class _StreamedTexts(ValuesView):
+    def __iter__(self) -> Iterator[str]:
+        return self._mapping.iter_texts()
+
+
+def record_id(record: dict, path: Path, number: int) -> str | None:
+    """The record's `_id`, else `id` (as a string), else None."""
+    for name in ID_FIELDS:
+        value = record.get(name)
+        if value is None:
+            continue
+        if isinstance(value, (dict, list, bool)) or str(value) == "":
+            raise QembedError(f"{path}:{number}: {name!r} must be a non-empty string or number")
+        return str(value)
+    return None
+
+
+def _iter_with_offsets(path: Path, text_field: str, keep_blank: bool) -> Iterator[tuple[int, Document]]:
+    jsonl = path.suffix == ".jsonl"
+    blank = 0
+    for number, offset, raw in iter_lines(path):
+        if jsonl and not raw.strip():
+            continue  # not a record
+        doc = _parse(raw, path, number, text_field, jsonl)
+        if doc.text or keep_blank:
+            yield offset, doc
+        else:
+            blank += 1
+    if blank:
+        log.warning("%s: skipped %d blank document(s)", path, blank)
+
+
+def _parse(raw: bytes, path: Path, number: int, text_field: str, jsonl: bool) -> Document:
+    if not jsonl:
+        try:
+            return Document(str(number), join_title(None, raw.decode("utf-8")))
+        except UnicodeDecodeError as exc:
+            raise QembedError(f"{path}:{number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    record = parse_jsonl_line(raw, path, number)
+    text, title = record.get(text_field), record.get("title")
+    if not isinstance(text, str):
+        raise QembedError(f"{path}:{number}: no field {text_field!r} holding a string (fields: {sorted(record)})")
+    if title is not None and not isinstance(title, str):
+        raise QembedError(f"{path}:{number}: 'title' must be a string")
+    return Document(record_id(record, path, number) or str(number), join_title(title, text))
+
+
+def _check(path: Path, count: int, duplicates: int) -> None:
+    if not count:
+        raise QembedError(f"{path}: the corpus is empty (no documents)")
+    if duplicates:
+        log.warning("%s: %d repeated document id(s); each keeps its last text", path, duplicates)

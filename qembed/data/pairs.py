@@ -1,0 +1,67 @@
+"""Training pairs: the one record schema of `train`, `mine` and `filter` output, validated in one place.
+
+A record is `{"query": str, "pos": str | [str, ...], "neg"?: str | [str, ...], "instruction"?: str,
+"pos_ids"?: [id, ...]}` (`pos_ids` as long as `pos`); other fields are kept as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qembed.data.jsonl import iter_numbered_jsonl
+from qembed.errors import QembedError
+
+
+@dataclass
+class PairRecord:
+    query: str
+    pos: list[str]
+    neg: list[str] = field(default_factory=list)
+    instruction: str | None = None
+    pos_ids: list[str] | None = None
+    record: dict[str, Any] = field(default_factory=dict)  # the record as read, every field
+
+
+def parse_pair(raw: dict[str, Any], where: str) -> PairRecord:
+    """One record, checked; a bad one raises `QembedError` starting with `where` (e.g. `file:line`)."""
+    query = raw.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise QembedError(f"{where}: 'query' must be a non-empty string")
+    pos = _strings(raw.get("pos"), "pos", where)
+    if not pos:
+        raise QembedError(f"{where}: 'pos' must be a non-empty list of strings")
+    neg = _strings(raw.get("neg") or [], "neg", where)
+    instruction = raw.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        raise QembedError(f"{where}: 'instruction' must be a string")
+    pos_ids = raw.get("pos_ids")
+    if pos_ids is not None:
+        if not isinstance(pos_ids, list) or len(pos_ids) != len(pos):
+            raise QembedError(f"{where}: 'pos_ids' must be a list as long as 'pos'")
+        pos_ids = [str(i) for i in pos_ids]
+    return PairRecord(query, pos, neg, instruction or None, pos_ids, raw)
+
+
+def iter_pairs(path: str | Path) -> Iterator[tuple[int, PairRecord]]:
+    """`(line number, record)` for every record of a training-format JSONL file, streamed."""
+    for number, raw in iter_numbered_jsonl(path):
+        yield number, parse_pair(raw, f"{path}:{number}")
+
+
+def read_pairs(path: str | Path) -> list[PairRecord]:
+    """Every record of a training-format JSONL file; an empty file raises `QembedError`."""
+    records = [record for _, record in iter_pairs(path)]
+    if not records:
+        raise QembedError(f"{path}: no training records (the file is empty)")
+    return records
+
+
+def _strings(value: Any, name: str, where: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise QembedError(f"{where}: '{name}' must be a list of strings")
+    return value
