@@ -24,7 +24,15 @@ import numpy as np
 
 from qembed.data.jsonl import JsonlAppender, iter_jsonl
 from qembed.errors import QembedError
-from qembed.negatives import MiningConfig, MiningStats, QueryChunk, QueryInput, mine_chunks, text_hash
+from qembed.negatives import (
+    NUM_NEGATIVES,
+    MiningConfig,
+    MiningStats,
+    QueryChunk,
+    QueryInput,
+    mine_chunks,
+    text_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +159,7 @@ def mine_hard_negatives(
     *,
     corpus: str | Path | None = None,
     split: str = "train",
-    num_negatives: int = 5,
+    num_negatives: int = NUM_NEGATIVES,
     range_min: int = 20,
     range_max: int = 50,
     max_score: float | None = 0.8,
@@ -169,13 +177,17 @@ def mine_hard_negatives(
     chunk_size: int = 1024,
     overwrite: bool = False,
     show_progress: bool | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_tokens: int | None = None,
 ) -> MiningResult:
     """Mine hard negatives for every record of `input` and write them to `output` (JSONL).
 
     `model`/`reranker` are names/paths or loaded `Embedder`/`Reranker` objects. `relative_margin` replaces
     the absolute `margin` when given. `instruction` defaults to the model's query instruction (None: none).
     `index` is an index spec (`faiss`, `hnsw`, `milvus:PATH_OR_URI`). An existing `output` is resumed
-    (records already written are skipped) unless `overwrite`.
+    (records already written are skipped) unless `overwrite`. `device`, `dtype` and `batch_tokens` (None: the
+    model's default) are passed to the models.
     """
     from qembed.eval.cache import iter_encode_with_cache
     from qembed.index import open_index
@@ -196,17 +208,17 @@ def mine_hard_negatives(
     output = Path(output)
     done = resume_point(output, records, overwrite)
 
-    emb = model if isinstance(model, Embedder) else Embedder.from_pretrained(model)
+    emb = model if isinstance(model, Embedder) else Embedder.from_pretrained(model, device=device, dtype=dtype)
     if reranker is not None and isinstance(reranker, (str, Path)):
         from qembed.models.reranker import Reranker
 
-        reranker = Reranker.from_pretrained(reranker)
+        reranker = Reranker.from_pretrained(reranker, device=device, dtype=dtype)
     doc_prompt = emb.document_prompt
     if instruction is DEFAULT:
         query_options = {"instruction": emb.default_instruction, "prompt": emb.query_prompt}
     else:
         query_options = {"instruction": instruction, "prompt": ""}
-    encode_options = {"dim": dim, "cache_dir": cache_dir, "show_progress": show_progress}
+    encode_options = {"dim": dim, "cache_dir": cache_dir, "show_progress": show_progress, "batch_tokens": batch_tokens}
 
     # Corpus: encoded once (cached), streamed into the index.
     t0 = time.perf_counter()
@@ -224,8 +236,8 @@ def mine_hard_negatives(
     todo = records[done:]
     missing_positive = 0
 
-    encode_queries = cached_encoder(emb, cache_dir, dim, **query_options)
-    encode_positives = cached_encoder(emb, cache_dir, dim, instruction=None, prompt=doc_prompt)
+    encode_queries = cached_encoder(emb, cache_dir, dim, **query_options, batch_tokens=batch_tokens)
+    encode_positives = cached_encoder(emb, cache_dir, dim, instruction=None, prompt=doc_prompt, batch_tokens=batch_tokens)
 
     def chunks():
         nonlocal missing_positive
@@ -280,7 +292,8 @@ def mine_hard_negatives(
     return MiningResult(output, summary, summary_path)
 
 
-def cached_encoder(emb, cache_dir, dim: int | None, *, instruction: str | None, prompt: str):
+def cached_encoder(emb, cache_dir, dim: int | None, *, instruction: str | None, prompt: str,
+                   batch_tokens: int | None = None):
     """`texts -> vectors` through one embedding-cache setting, opened once (not once per chunk)."""
     from qembed.eval.cache import EmbeddingCache, text_key
 
@@ -291,8 +304,9 @@ def cached_encoder(emb, cache_dir, dim: int | None, *, instruction: str | None, 
         keys = [text_key(t) for t in texts]
         missing = {key: text for key, text in zip(keys, texts) if key not in cache}
         if missing:
+            extra = {} if batch_tokens is None else {"batch_tokens": batch_tokens}
             vectors = emb.encode(list(missing.values()), instruction=instruction, prompt=prompt, dim=dim,
-                                 show_progress=False)  # fmt: skip
+                                 show_progress=False, **extra)  # fmt: skip
             cache.add(list(missing), vectors)
         return cache.get(keys)
 

@@ -8,7 +8,9 @@ import importlib
 import logging
 import sys
 
+from qembed.cli.common import HelpFormatter, QembedParser
 from qembed.errors import QembedError
+from qembed.progress import forced_mode
 
 # One module per verb (or verb group); order is the order of `qembed --help`.
 VERB_MODULES = [
@@ -26,9 +28,10 @@ VERB_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qembed", description="Qwen3-style embedding and reranking toolkit")
+    parser = argparse.ArgumentParser(prog="qembed", description="Qwen3-style embedding and reranking toolkit",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and full tracebacks")
-    subparsers = parser.add_subparsers(dest="verb", required=True, metavar="<verb>")
+    subparsers = parser.add_subparsers(dest="verb", required=True, metavar="<verb>", parser_class=QembedParser)
     for name in VERB_MODULES:
         importlib.import_module(name).add_parser(subparsers)
     return parser
@@ -39,12 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        result = args.func(args)
+        with forced_mode(getattr(args, "progress_mode", None)):
+            result = args.func(args)
     except QembedError as exc:
         if args.verbose:
             raise
         print(f"qembed {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"qembed {args.verb}: interrupted", file=sys.stderr)
         return 130

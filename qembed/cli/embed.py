@@ -7,21 +7,21 @@ from pathlib import Path
 
 import numpy as np
 
+from qembed.cli.common import add_model_args, add_output_args, add_progress_args, check_output
 from qembed.data.texts import read_texts
 from qembed.errors import QembedError
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("embed", help="embed texts from a .txt or .jsonl file")
-    p.add_argument("--model", required=True, help="local folder or hub id")
+    add_model_args(p, help="embedding model: local folder or hub id")
     p.add_argument("--input", required=True, help=".txt (one text per line) or .jsonl")
     p.add_argument("--field", default="text", help="text field of .jsonl records (default: text)")
     p.add_argument("--query", action="store_true", help="embed as queries (with the model's query instruction)")
-    p.add_argument("--instruction", help="query instruction (implies --query)")
-    p.add_argument("--dim", type=int, help="Matryoshka dimension (first N components, re-normalised)")
-    p.add_argument("--output", required=True, help="FILE.npy or FILE.jsonl")
-    p.add_argument("--device")
-    p.add_argument("--dtype", help="fp32 | fp16 | bf16")
+    p.add_argument("--instruction", help="query instruction (implies --query; default: the model's own)")
+    p.add_argument("--dim", type=int, help="Matryoshka dimension, first N components re-normalised (default: full)")
+    add_output_args(p, help="FILE.npy or FILE.jsonl (overwritten)")
+    add_progress_args(p)
     p.set_defaults(func=run)
 
 
@@ -31,18 +31,20 @@ def run(args) -> int:
     output = Path(args.output)
     if output.suffix not in (".npy", ".jsonl"):
         raise QembedError(f"--output must end in .npy or .jsonl, got {output.name}")
+    check_output(output, input=args.input)
     texts = read_texts(args.input, field=args.field)
     embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     try:
         embedder._check_dim(args.dim)
     except ValueError as exc:
         raise QembedError(str(exc)) from None
+    options = {"dim": args.dim} if args.batch_tokens is None else {"dim": args.dim, "batch_tokens": args.batch_tokens}
     if args.instruction is not None:
-        vectors = embedder.encode_queries(texts, instruction=args.instruction, dim=args.dim)
+        vectors = embedder.encode_queries(texts, instruction=args.instruction, **options)
     elif args.query:
-        vectors = embedder.encode_queries(texts, dim=args.dim)
+        vectors = embedder.encode_queries(texts, **options)
     else:
-        vectors = embedder.encode_documents(texts, dim=args.dim)
+        vectors = embedder.encode_documents(texts, **options)
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".npy":
         np.save(output, vectors)

@@ -19,7 +19,8 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from qembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ def iter_encode_with_cache(
     show_progress: bool | None = None,
     desc: str = "encoding",
     stats: CacheStats | None = None,
+    batch_tokens: int | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield `(start, vectors)` for consecutive chunks of `texts`, encoding only texts not yet cached.
 
@@ -136,10 +138,9 @@ def iter_encode_with_cache(
     stats = stats if stats is not None else CacheStats()
     if total is None and hasattr(texts, "__len__"):
         total = len(texts)
-    disable = not show_progress if show_progress is not None else None  # None: tqdm decides (tty only)
     iterator = iter(texts)
     start = 0
-    with tqdm(total=total, desc=desc, unit="text", disable=disable, dynamic_ncols=True) as bar:
+    with progress_bar(total=total, desc=desc, unit="text", enabled=show_progress) as bar:
         while chunk := list(islice(iterator, chunk_size)):
             keys = [text_key(t) for t in chunk]
             missing: dict[bytes, str] = {}
@@ -150,6 +151,7 @@ def iter_encode_with_cache(
             bar.update(len(chunk) - len(missing))
             if missing:
                 extra = {"prompt": prompt} if prompt else {}
+                extra.update({"batch_tokens": batch_tokens} if batch_tokens is not None else {})
                 new_keys, new_vectors = _encode(embedder, missing, bar, instruction=instruction, dim=dim,
                                                 normalize=normalize, **extra)
                 cache.add(new_keys, new_vectors)

@@ -51,6 +51,8 @@ def evaluate(
     cache_dir: str | Path | None = None,
     device: str | None = None,
     show_progress: bool | None = None,
+    dtype: str | None = None,
+    batch_tokens: int | None = None,
 ) -> list[dict]:
     """Evaluate retrieval of each model on a BEIR dataset; returns one result dict per run.
 
@@ -59,6 +61,7 @@ def evaluate(
     name/path or `Reranker` that reorders each query's top `rerank_top` candidates. `index`: an
     `open_index` spec (`faiss`, `hnsw`, `milvus:PATH.db`, `milvus:http://HOST:PORT`). Metrics are
     fractions in [0, 1] keyed `"<metric>@<k>"` (see `qembed.eval.metrics`; nDCG gain `2^grade - 1`).
+    `device`, `dtype` and `batch_tokens` (None: the model's default) are passed to the models.
     """
     from qembed.models.embedder import Embedder
     from qembed.models.reranker import Reranker
@@ -78,7 +81,7 @@ def evaluate(
 
     rr, rr_name = None, None
     if reranker is not None:
-        rr = reranker if isinstance(reranker, Reranker) else Reranker.from_pretrained(reranker, device=device)
+        rr = reranker if isinstance(reranker, Reranker) else Reranker.from_pretrained(reranker, device=device, dtype=dtype)
         rr_name = str(getattr(rr, "name_or_path", reranker))
     query_ids = dataset.query_ids
     query_texts = [dataset.queries[q] for q in query_ids]
@@ -88,7 +91,7 @@ def evaluate(
     results = []
     for model in models:
         started = time.perf_counter()
-        emb = model if isinstance(model, Embedder) else Embedder.from_pretrained(model, device=device)
+        emb = model if isinstance(model, Embedder) else Embedder.from_pretrained(model, device=device, dtype=dtype)
         name = str(model) if not isinstance(model, Embedder) else emb.name_or_path
         load_s = time.perf_counter() - started
 
@@ -96,7 +99,7 @@ def evaluate(
             raise QembedError(f"dim must be an integer between 1 and {emb.hidden_size} for {name}, got {dim!r}")
         try:
             vector_index, doc_vectors, corpus_timing = _index_corpus(emb, dataset, doc_ids, dim, index, cache_dir,
-                                                                     show_progress, name)  # fmt: skip
+                                                                     show_progress, name, batch_tokens)  # fmt: skip
         except ValueError as exc:  # e.g. a dim below the model's Matryoshka minimum
             raise QembedError(f"{name}: {exc}") from None
         done: set = set()
@@ -111,12 +114,13 @@ def evaluate(
             stats = CacheStats()
             query_vectors = np.concatenate([v for _, v in iter_encode_with_cache(
                 emb, query_texts, instruction=query_instruction, prompt=query_prompt, dim=dim, cache_dir=cache_dir,
-                show_progress=show_progress, desc=f"{_short(name)}: queries", stats=stats)])  # fmt: skip
+                show_progress=show_progress, desc=f"{_short(name)}: queries", stats=stats, batch_tokens=batch_tokens)])  # fmt: skip
             timings["encode_queries_s"] = time.perf_counter() - t
             timings["queries_encoded"] = stats.encoded
 
             t = time.perf_counter()
-            rows, _ = vector_index.search_rows(query_vectors, min(len(doc_ids), depth + TIE_MARGIN))
+            rows, _ = vector_index.search_rows(query_vectors, min(len(doc_ids), depth + TIE_MARGIN),
+                                              show_progress=show_progress)
             run = {qid: _exact_ranking(row, query_vector, doc_vectors, doc_ids, depth)
                    for qid, row, query_vector in zip(query_ids, rows, query_vectors)}  # fmt: skip
             timings["search_s"] = time.perf_counter() - t
@@ -149,7 +153,7 @@ def evaluate(
     return results
 
 
-def _index_corpus(emb, dataset, doc_ids, dim, spec, cache_dir, show_progress, name):
+def _index_corpus(emb, dataset, doc_ids, dim, spec, cache_dir, show_progress, name, batch_tokens=None):
     """Encode the corpus chunk by chunk (via the cache) into a fresh index.
 
     Returns the index, a `_CachedVectors` view of the document vectors (read back from the cache by
@@ -169,7 +173,7 @@ def _index_corpus(emb, dataset, doc_ids, dim, spec, cache_dir, show_progress, na
 
     for start, vectors in iter_encode_with_cache(
         emb, texts(), total=len(doc_ids), prompt=prompt, dim=dim, cache_dir=cache_dir,
-        show_progress=show_progress, desc=f"{_short(name)}: corpus", stats=stats,
+        show_progress=show_progress, desc=f"{_short(name)}: corpus", stats=stats, batch_tokens=batch_tokens,
     ):  # fmt: skip
         if vector_index is None:
             vector_index = open_index(spec, vectors.shape[1], **({"capacity": len(doc_ids)} if spec == "faiss" else {}))
@@ -221,11 +225,10 @@ def _query_format(emb, setting) -> tuple[str | None, str]:
 
 def _rerank(rr, dataset: RetrievalDataset, run: dict, top: int, show_progress) -> dict:
     """Reorder each query's first `top` candidates by reranker score; the rest keep their order below."""
-    from tqdm.auto import tqdm
+    from qembed.progress import progress_bar
 
     reranked = {}
-    disable = not show_progress if show_progress is not None else None
-    for qid, candidates in tqdm(run.items(), desc="rerank", unit="query", disable=disable):
+    for qid, candidates in progress_bar(run.items(), desc="rerank", unit="query", enabled=show_progress):
         head, tail = candidates[:top], candidates[top:]
         order = rr.rerank(dataset.queries[qid], [dataset.doc_text(d) for d, _ in head], show_progress=False)
         reranked[qid] = [head[i][0] for i, _ in order] + [d for d, _ in tail]

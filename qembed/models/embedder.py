@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from qembed.models import prompts
 from qembed.models.batching import pad_batch, token_budget_batches
@@ -28,6 +27,7 @@ from qembed.models.loading import (
     weights_fingerprint,
     write_sentence_transformers_files,
 )
+from qembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ class Embedder:
         token_ids = self.prepare(texts, instruction=instruction, prompt=prompt)
         batches = token_budget_batches([len(ids) for ids in token_ids], batch_tokens)
         result = np.empty((len(texts), out_dim), dtype=np.float32)
-        show = len(texts) >= _AUTO_PROGRESS_FROM if show_progress is None else show_progress
-        with torch.inference_mode(), tqdm(total=len(texts), disable=not show, desc="encode", unit="text") as bar:
+        show = (None if len(texts) >= _AUTO_PROGRESS_FROM else False) if show_progress is None else show_progress
+        with torch.inference_mode(), progress_bar(total=len(texts), enabled=show, desc="encode", unit="text") as bar:
             for indices in batches:
                 vectors = self.forward_features(self.collate([token_ids[i] for i in indices]))
                 vectors = vectors[:, :out_dim].float()

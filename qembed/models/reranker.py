@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from qembed.errors import QembedError
 from qembed.models import prompts
 from qembed.models.batching import pad_batch, token_budget_batches
 from qembed.models.embedder import DEFAULT_BATCH_TOKENS, check_texts
 from qembed.models.loading import load_pretrained, pick_device, pick_dtype, resolve_model_dir
+from qembed.progress import progress_bar
 
 _AUTO_PROGRESS_FROM = 256  # pairs
 
@@ -116,9 +116,9 @@ class Reranker:
         """Relevance of each document to `query`, in [0, 1], in input order."""
         token_ids = self.prepare_pairs(query, documents, instruction=instruction)
         scores = [0.0] * len(token_ids)
-        show = len(token_ids) >= _AUTO_PROGRESS_FROM if show_progress is None else show_progress
+        show = (None if len(token_ids) >= _AUTO_PROGRESS_FROM else False) if show_progress is None else show_progress
         batches = token_budget_batches([len(ids) for ids in token_ids], batch_tokens)
-        with torch.inference_mode(), tqdm(total=len(token_ids), disable=not show, desc="rerank", unit="pair") as bar:
+        with torch.inference_mode(), progress_bar(total=len(token_ids), enabled=show, desc="rerank", unit="pair") as bar:
             for indices in batches:
                 probs = torch.sigmoid(self.forward_logits(self.collate([token_ids[i] for i in indices])).float())
                 for index, value in zip(indices, probs.tolist()):

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from qembed.data.jsonl import JsonlAppender, iter_jsonl
-from qembed.errors import QembedError
+from qembed.errors import ModelNotFoundError, QembedError
+from qembed.progress import progress_bar
 from qembed.synth import prompts
 from qembed.synth.corpus import Document
 from qembed.synth.llm import ChatLLM, LLMError
@@ -69,7 +70,8 @@ class SynthConfig:
 class SynthStats:
     done: int = 0
     failed: int = 0
-    skipped: int = 0  # already in the output (or rejected for good) from an earlier run
+    skipped: int = 0  # already in the output from an earlier run
+    rejected_before: int = 0  # rejected for good (not transient) by an earlier run: not retried
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -250,8 +252,9 @@ def synthesize(
     show_progress: bool | None = None,
 ) -> SynthStats:
     """Generate `config.queries_per_doc` records per document into `output` (JSONL, appended, flushed per
-    record); failures go to `rejects_path(output)`. Jobs already in the output — or rejected for a
-    non-transient reason — are skipped, so rerunning the same command resumes. The retrieval task needs a
+    record); failures go to `rejects_path(output)`. Jobs already in the output (`stats.skipped`) or rejected
+    for a non-transient reason (`stats.rejected_before`) are skipped, so rerunning the same command resumes;
+    transient failures (timeouts, 429/5xx, local out-of-memory and runtime errors) are tried again. The retrieval task needs a
     `matcher` (persona candidates). Closes `llm` at the end."""
     cfg = config or SynthConfig()
     output = Path(output)
@@ -262,8 +265,10 @@ def synthesize(
     finished = done | rejected
     stats = SynthStats()
     for doc in docs:
-        todo = [i for i in range(cfg.queries_per_doc) if query_id(doc.doc_id, i, cfg.task) not in finished]
-        stats.skipped += cfg.queries_per_doc - len(todo)
+        ids = [query_id(doc.doc_id, i, cfg.task) for i in range(cfg.queries_per_doc)]
+        todo = [i for i, qid in enumerate(ids) if qid not in finished]
+        stats.skipped += sum(qid in done for qid in ids)
+        stats.rejected_before += sum(qid in rejected and qid not in done for qid in ids)
         if todo:
             pending.append((doc, todo))
     total = sum(len(t) for _, t in pending)
@@ -277,12 +282,9 @@ def synthesize(
 
 
 async def _run(pending, total, output, llm, matcher, cfg, stats, show_progress) -> None:
-    from tqdm.auto import tqdm
-
     queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.chunk_size * cfg.queries_per_doc + cfg.concurrency)
     task_func = _TASK_FUNCS[cfg.task]
-    disable = None if show_progress is None else not show_progress  # None: only on a terminal
-    bar = tqdm(total=total, unit="q", desc="synth", disable=disable, dynamic_ncols=True, smoothing=0.05)
+    bar = progress_bar(total=total, unit="query", desc="synth", enabled=show_progress, smoothing=0.05)
     bar.set_postfix(done=0, failed=0)
 
     # a small first chunk gets requests going before the bulk of the persona matching
@@ -359,10 +361,15 @@ def synthesize_corpus(
     text_field: str = "text",
     limit: int | None = None,
     show_progress: bool | None = None,
+    dtype: str | None = None,
+    batch_tokens: int | None = None,
+    overwrite: bool = False,
 ) -> SynthStats:
     """`synthesize` over a corpus file (see `read_corpus`): loads the persona library (the shipped one
-    when `personas` is None) and, when it has more than five entries, `embed_model` to match them.
-    `llm` may be a zero-argument factory, called once the inputs have been read and checked."""
+    when `personas` is None) and, when it has more than five entries, `embed_model` to match them
+    (`device`, `dtype`, `batch_tokens`: None for its defaults). `llm` may be a zero-argument factory,
+    called once the inputs have been read and checked. `overwrite` deletes the output and its rejects
+    file first instead of resuming them."""
     from qembed.synth.corpus import read_corpus
     from qembed.synth.personas import load_personas
 
@@ -376,12 +383,18 @@ def synthesize_corpus(
             if len(library) > 5:
                 from qembed.models.embedder import Embedder
 
-                embedder = Embedder.from_pretrained(embed_model, device=device)
-            matcher = PersonaMatcher(library, embedder)
+                try:
+                    embedder = Embedder.from_pretrained(embed_model, device=device, dtype=dtype)
+                except ModelNotFoundError as exc:  # the user named it with --embed-model, not --model
+                    raise ModelNotFoundError(str(exc).replace("--model ", "--embed-model ")) from None
+            matcher = PersonaMatcher(library, embedder, batch_tokens=batch_tokens)
     except BaseException:
         if not callable(llm):
             asyncio.run(llm.aclose())
         raise
     if callable(llm):
         llm = llm()
+    if overwrite:
+        for path in (Path(output), rejects_path(output)):
+            path.unlink(missing_ok=True)
     return synthesize(docs, output, llm, matcher=matcher, config=cfg, show_progress=show_progress)

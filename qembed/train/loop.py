@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from qembed.data.jsonl import JsonlAppender, write_jsonl
 from qembed.errors import QembedError
+from qembed.progress import progress_bar
 from qembed.train import checkpoint, distributed
 
 log = logging.getLogger(__name__)
@@ -202,8 +202,8 @@ def run_training(
     logger = JsonlAppender(log_path, fsync=False) if is_main else None
     result = TrainResult(output=output, steps=state["step"])
 
-    bar = tqdm(
-        total=total, initial=state["step"], desc="train", unit="step", disable=not (cfg.progress and is_main)
+    bar = progress_bar(
+        total=total, initial=state["step"], desc="train", unit="step", enabled=None if cfg.progress and is_main else False
     )
     stop = state["step"] >= total
     try:
