@@ -29,7 +29,8 @@ class HelpFormatter(argparse.HelpFormatter):
             action.option_strings
             and not action.required
             and default not in (None, False, argparse.SUPPRESS, [], "")
-            and "default" not in text
+            and "(default" not in text
+            and "default:" not in text
         ):
             shown = ",".join(str(x) for x in default) if isinstance(default, (list, tuple)) else str(default)
             text += f" (default: {shown.replace('%', '%%')})"

@@ -17,8 +17,8 @@ def add_parser(subparsers) -> None:
     add_model_args(p, help="embedding model: local folder or hub id")
     p.add_argument("--input", required=True, help=".txt (one text per line) or .jsonl")
     p.add_argument("--field", default="text", help="text field of .jsonl records (default: text)")
-    p.add_argument("--query", action="store_true", help="embed as queries (with the model's query instruction)")
-    p.add_argument("--instruction", help="query instruction (implies --query; default: the model's own)")
+    p.add_argument("--queries", action="store_true", help="the texts are queries: embed them with the model's query instruction")
+    p.add_argument("--instruction", help="query instruction (implies --queries; default: the model's own)")
     p.add_argument("--dim", type=int, help="Matryoshka dimension, first N components re-normalised (default: full)")
     add_output_args(p, help="FILE.npy or FILE.jsonl (overwritten)")
     add_progress_args(p)
@@ -41,7 +41,7 @@ def run(args) -> int:
     options = {"dim": args.dim} if args.batch_tokens is None else {"dim": args.dim, "batch_tokens": args.batch_tokens}
     if args.instruction is not None:
         vectors = embedder.encode_queries(texts, instruction=args.instruction, **options)
-    elif args.query:
+    elif args.queries:
         vectors = embedder.encode_queries(texts, **options)
     else:
         vectors = embedder.encode_documents(texts, **options)

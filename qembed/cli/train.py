@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+from qembed.cli.common import add_list, add_progress_args, check_output
+from qembed.negatives import NUM_NEGATIVES
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder or hub id to start from")
-    p.add_argument(
-        "--data", required=True, help="training JSONL file(s), comma-separated ({query, pos, neg})"
-    )
+    add_list(p, "--data", required=True, metavar="FILES",
+             help="training JSONL file(s), comma-separated or repeated ({query, pos, neg})")
     p.add_argument(
         "--output", required=True, help="output folder: the trained model, checkpoints/ and train_log.jsonl"
     )
@@ -26,11 +24,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument(
-        "--lora-targets", default=None, help="comma-separated module names (default: by model family)"
-    )
+    add_list(p, "--lora-targets", default=None, metavar="NAMES", help="module names, e.g. q_proj,v_proj (default: by model family)")
     p.add_argument("--no-merge-lora", dest="merge_lora", action="store_false", help="export the adapter only")
-    p.add_argument("--num-negatives", type=int, default=3, help="hard negatives used per record")
+    p.add_argument("--num-negatives", type=int, default=NUM_NEGATIVES, help="hard negatives used per record")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--scheduler", choices=["linear", "cosine"], default="linear")
@@ -57,6 +53,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="autocast on GPU"
     )
     p.add_argument("--max-steps", type=int, default=None)
+    add_progress_args(p)
 
 
 def add_parser(subparsers) -> None:
@@ -73,15 +70,13 @@ def add_parser(subparsers) -> None:
     emb.add_argument(
         "--fn-margin", type=float, default=0.1, help="false-negative mask margin (negative: off)"
     )
-    emb.add_argument("--mrl-dims", type=_ints, default=None, help="Matryoshka dims, e.g. 32,64,128,256")
+    add_list(emb, "--mrl-dims", item=int, default=None, metavar="DIMS", help="Matryoshka dims, e.g. 32,64,128,256")
     emb.add_argument("--grad-cache-chunk", type=int, default=None, help="GradCache chunk size (texts)")
     emb.set_defaults(func=run)
 
     rr = sub.add_parser("reranker", help="pointwise yes/no SFT (Qwen3-Reranker) or BCE (cross-encoders)")
     _common(rr)
-    rr.add_argument(
-        "--chunk-size", dest="grad_cache_chunk", type=int, default=None, help="pairs per forward pass"
-    )
+    rr.add_argument("--grad-cache-chunk", type=int, default=None, help="pairs per forward pass (default: the whole batch)")
     rr.set_defaults(func=run)
 
 
@@ -90,9 +85,7 @@ def run(args) -> int:
 
     fields = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields}
-    values["data"] = [x for x in args.data.split(",") if x]
-    if args.lora_targets:
-        values["lora_targets"] = [x for x in args.lora_targets.split(",") if x]
+    check_output(args.output, model=args.model, data=args.data)
     if getattr(args, "fn_margin", None) is not None and args.fn_margin < 0:
         values["fn_margin"] = None
     cfg = TrainConfig(**values)
