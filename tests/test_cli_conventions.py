@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 
 import pytest
@@ -170,3 +171,13 @@ def test_off_a_terminal_every_long_step_prints_plain_progress_lines(beir, tiny_e
         assert stages == expected[verb], (verb, stages)
     assert main([*runs["eval"], "--no-progress"]) == 0
     assert "qembed: " not in capsys.readouterr().err
+
+
+
+def test_milvus_lite_run_logs_no_server_traceback(beir, tiny_embedder_path, tmp_path, caplog, capsys):
+    args = ["eval", "--model", str(tiny_embedder_path), "--dataset", str(beir), "--cache-dir", str(tmp_path / "c"),
+            "--index", f"milvus:{tmp_path / 'lite.db'}", "--output", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    assert "ndcg@10" in capsys.readouterr().out
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not errors, errors  # e.g. grpc's "Exception calling application: Method not implemented!"
