@@ -181,3 +181,12 @@ def test_milvus_lite_run_logs_no_server_traceback(beir, tiny_embedder_path, tmp_
     assert "ndcg@10" in capsys.readouterr().out
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not errors, errors  # e.g. grpc's "Exception calling application: Method not implemented!"
+
+
+def test_usage_errors_are_one_line_exit_2(capsys):
+    assert main(["eval", "--model", "m", "--dataset", "d", "--output", "o", "--k", "5,ten"]) == 2
+    assert main(["mine", "--model", "m", "--input", "i", "--output", "o", "--batch-tokens", "0"]) == 2
+    assert main(["embed", "--no-such-flag"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and all("Traceback" not in x and "--help)" in x for x in lines)
+    assert lines[0] == "qembed eval: error: --k must be comma-separated integers, got '5,ten' (see qembed eval --help)"

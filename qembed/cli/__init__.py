@@ -8,7 +8,7 @@ import importlib
 import logging
 import sys
 
-from qembed.cli.common import HelpFormatter, QembedParser
+from qembed.cli.common import QembedParser, UsageError
 from qembed.errors import QembedError
 from qembed.progress import forced_mode
 
@@ -28,8 +28,7 @@ VERB_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qembed", description="Qwen3-style embedding and reranking toolkit",
-                                     formatter_class=HelpFormatter)
+    parser = QembedParser(prog="qembed", description="Qwen3-style embedding and reranking toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and full tracebacks")
     subparsers = parser.add_subparsers(dest="verb", required=True, metavar="<verb>", parser_class=QembedParser)
     for name in VERB_MODULES:
@@ -39,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:  # one line, like every other bad input
+        print(exc, file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     try:
         with forced_mode(getattr(args, "progress_mode", None)):

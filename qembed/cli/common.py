@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,21 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+class UsageError(QembedError):
+    """A command line argparse refuses (unknown flag, bad value): one line, exit status 2."""
+
+
 class QembedParser(argparse.ArgumentParser):
-    """The parser class of every verb and sub-verb (passed down through `add_subparsers`)."""
+    """The parser class of `qembed` and every verb and sub-verb (passed down through `add_subparsers`):
+    help in `HelpFormatter`, and usage errors raised as `UsageError` instead of printing the usage."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        message = re.sub(r"^argument ([^:]+): must ", r"\1 must ", message)  # "--k must be ..."
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
 def comma_list(item: Callable[[str], Any] = str) -> Callable[[str], list]:
@@ -52,7 +62,8 @@ def comma_list(item: Callable[[str], Any] = str) -> Callable[[str], list]:
         try:
             return [item(x.strip()) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}") from None
+            kind = {"int": "integers", "float": "numbers"}.get(getattr(item, "__name__", ""), "values")
+            raise argparse.ArgumentTypeError(f"must be comma-separated {kind}, got {text!r}") from None
 
     parse.__name__ = getattr(item, "__name__", "list")  # argparse names the type in its error messages
     return parse
