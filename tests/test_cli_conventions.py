@@ -7,7 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +195,22 @@ def test_usage_errors_are_one_line_exit_2(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3 and all("Traceback" not in x and "--help)" in x for x in lines)
     assert lines[0] == "qembed eval: error: --k must be comma-separated integers, got '5,ten' (see qembed eval --help)"
+
+
+def test_make_demo_installs_once(tmp_path):
+    """`make demo` installs when nothing is installed yet or pyproject.toml changed, then only runs the demo
+    (dry runs: `make -n` prints the commands without running them)."""
+    root = Path(__file__).resolve().parent.parent
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(root / name, tmp_path / name)
+
+    def dry_run() -> str:
+        return subprocess.run(["make", "-n", "demo"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+    assert "pip install -e" in dry_run()  # first run: installs
+    (tmp_path / ".make").mkdir()
+    (tmp_path / ".make" / "install.stamp").touch()
+    second = dry_run()
+    assert "pip install" not in second and "-m qembed demo" in second
+    os.utime(tmp_path / "pyproject.toml", (time.time() + 10, time.time() + 10))
+    assert "pip install -e" in dry_run()  # dependencies changed: installs again
