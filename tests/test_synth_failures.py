@@ -4,6 +4,7 @@ jobs already done, a run where no job succeeds exits non-zero, and a local LLM t
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -54,20 +55,27 @@ def _corpus(tmp_path, cases):
     return corpus, personas
 
 
-def _synth(server, corpus, personas, out):
+def _synth(server, corpus, personas, out, *extra):
     return main(["synth", "--corpus", str(corpus), "--personas", str(personas), "--llm-base-url", server.base_url,
-                 "--llm-model", "scripted-llm", "--max-repairs", "0", "--output", str(out)])  # fmt: skip
+                 "--llm-model", "scripted-llm", "--max-repairs", "0", "--output", str(out), *extra])  # fmt: skip
 
 
-def test_permanent_rejects_are_counted_apart_from_done(server, tmp_path, capsys):
+def test_permanent_rejects_are_counted_apart_from_done(server, tmp_path, capsys, monkeypatch):
     corpus, personas = _corpus(tmp_path, ["good", "garbage", "good"])
     out = tmp_path / "out.jsonl"
+    monkeypatch.setenv("QEMBED_PROGRESS_INTERVAL", "0")
     assert _synth(server, corpus, personas, out) == 0
-    assert "wrote 2 record(s)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "wrote 2 record(s)" in captured.out
+    assert re.search(r"^qembed: synth: 3/3 query \(100%\), .* done=2, failed=1$", captured.err, re.MULTILINE)
     assert _synth(server, corpus, personas, out) == 0  # nothing left to do is not a failure
     printed = capsys.readouterr().out
     assert "wrote 0 record(s)" in printed and "2 already done" in printed
     assert "1 rejected for good in an earlier run (not retried; --overwrite starts afresh)" in printed
+    assert _synth(server, corpus, personas, out, "--overwrite", "--no-progress") == 0
+    captured = capsys.readouterr()
+    assert "wrote 2 record(s)" in captured.out and "0 already done" in captured.out and "earlier" not in captured.out
+    assert captured.err == "" and len(read_jsonl(out)) == 2 and len(read_jsonl(rejects_path(out))) == 1
 
 
 def test_exit_status_is_non_zero_when_no_job_succeeds(server, tmp_path, capsys):

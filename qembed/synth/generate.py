@@ -329,8 +329,8 @@ async def _run(pending, total, output, llm, matcher, cfg, stats, show_progress) 
                            "query_id": query_id(job.doc.doc_id, job.index, cfg.task), "pos_ids": [job.doc.doc_id],
                            "meta": result["meta"]})  # fmt: skip
                 stats.done += 1
-            bar.update(1)
             bar.set_postfix(done=stats.done, failed=stats.failed, refresh=False)
+            bar.update(1)
 
     try:
         with JsonlAppender(output) as out, JsonlAppender(rejects_path(output)) as rej:

@@ -248,8 +248,8 @@ def run_training(
                 result.losses.append(record["loss"])
                 if logger:
                     logger.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
                 stop = state["step"] >= total
                 if task.evaluate and cfg.eval_steps and (state["step"] % cfg.eval_steps == 0 or stop):
                     _evaluate(cfg, task, state, logger, ckpt_dir)
