@@ -99,18 +99,20 @@ def batch_tokens(text: str) -> int | None:
     return value
 
 
-def add_model_args(p: argparse.ArgumentParser, *, help: str, multiple: bool = False, dtype: bool = True,
-                   batch: bool = True) -> None:  # fmt: skip
-    """`--model` (required; a list with `multiple`), `--device`, `--dtype` and, for verbs that encode,
-    `--batch-tokens`."""
+def add_model_args(p: argparse.ArgumentParser, *, help: str, multiple: bool = False, batch: bool = True) -> None:
+    """`--model` (required; a list with `multiple`) and the device options (`add_device_args`)."""
     if multiple:
         add_list(p, "--model", required=True, metavar="M", help=help)
     else:
         p.add_argument("--model", required=True, metavar="M", help=help)
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
-    if dtype:
-        p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
-                       help="model weights (default: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU)")  # fmt: skip
+    add_device_args(p, batch=batch)
+
+
+def add_device_args(p: argparse.ArgumentParser, *, batch: bool = True, what: str = "the model") -> None:
+    """`--device`, `--dtype` and, for verbs that encode, `--batch-tokens` (None: the model's own budget)."""
+    p.add_argument("--device", help=f"device for {what}: cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                   help=f"weights of {what} (default: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU)")  # fmt: skip
     if batch:
         p.add_argument("--batch-tokens", type=batch_tokens, default=None, metavar="N",
                        help="padded tokens per encoding batch (default: auto, the model's own budget)")  # fmt: skip

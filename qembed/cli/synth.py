@@ -6,10 +6,10 @@ import argparse
 
 from qembed.cli.common import (
     RunFailed,
+    add_device_args,
     add_list,
     add_output_args,
     add_progress_args,
-    batch_tokens,
     check_output,
 )
 from qembed.errors import QembedError
@@ -44,11 +44,7 @@ def add_parser(subparsers) -> None:
                    help="retrieval: (query, passage); sts: (paraphrase, sentence); bitext: (translation, segment)")
     p.add_argument("--personas", help="persona file: JSONL with a 'persona' field (Persona Hub format) or text lines (default: the built-in library)")
     p.add_argument("--embed-model", default="Qwen/Qwen3-Embedding-0.6B", help="embedder that matches personas to documents")
-    p.add_argument("--device", help="device for the embedder and a local LLM (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
-                   help="weights of the embedder and a local LLM (default: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU)")
-    p.add_argument("--batch-tokens", type=batch_tokens, default=None, metavar="N",
-                   help="padded tokens per persona-matching batch (default: auto, the embedder's own budget)")
+    add_device_args(p, what="the persona embedder and a local LLM")
     add_list(p, "--languages", default=["en"], metavar="LANGS", help="query languages drawn per query, e.g. zh,en")
     p.add_argument("--queries-per-doc", type=int, default=1, help="queries generated per document")
     p.add_argument("--limit", type=int, help="only the first N documents of the corpus (default: all)")
