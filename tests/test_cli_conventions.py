@@ -49,11 +49,11 @@ def test_every_option_has_a_help_line_with_its_real_default(verb):
     assert "(default: None)" not in text and "default: False" not in text
     formatter = parser._get_formatter()
     for action in _options(parser):
-        shown = formatter._expand_help(action) if action.help else ""
+        shown = " ".join(formatter._format_action(action).split())  # the option's lines in --help, unwrapped
         if verb not in HELP_TEXTS_PENDING:
-            assert shown.strip(), f"{verb} {action.option_strings[0]} has no help"
+            assert action.help and action.help.strip(), f"{verb} {action.option_strings[0]} has no help"
         assert shown.count("default:") <= 1, f"{verb} {action.option_strings[0]}: {shown}"
-        if action.help and action.default not in (None, False) and not action.required:
+        if action.default is not None and action.default is not False and not action.required:
             value = action.default if not isinstance(action.default, (list, tuple)) else action.default[0]
             value = f"{value:g}" if isinstance(value, float) else str(value)
             assert f"default: {value}" in shown, f"{verb} {action.option_strings[0]}: {shown}"

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -21,20 +22,30 @@ class RunFailed(QembedError):
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Appends `(default: X)` to an option's help when it has a real default and does not state it."""
+    """Appends `(default: X)` to an option's help when it has a real default and does not state it (an
+    option without help shows its default alone)."""
+
+    @staticmethod
+    def _default(action: argparse.Action) -> str:
+        default = action.default
+        if not action.option_strings or action.required or any(default is x for x in (None, False, argparse.SUPPRESS)):
+            return ""
+        if default in ([], ""):
+            return ""
+        shown = ",".join(str(x) for x in default) if isinstance(default, (list, tuple)) else str(default)
+        return f"(default: {shown.replace('%', '%%')})"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._default(action):
+            action = copy.copy(action)
+            action.help = self._default(action)
+        return super()._format_action(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        default = action.default
-        if (
-            action.option_strings
-            and not action.required
-            and default not in (None, False, argparse.SUPPRESS, [], "")
-            and "(default" not in text
-            and "default:" not in text
-        ):
-            shown = ",".join(str(x) for x in default) if isinstance(default, (list, tuple)) else str(default)
-            text += f" (default: {shown.replace('%', '%%')})"
+        default = self._default(action)
+        if default and "(default" not in text and "default:" not in text:
+            text += " " + default
         return text
 
 
