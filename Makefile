@@ -2,18 +2,26 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 # Keep a CUDA torch the user already has; otherwise install the pinned CPU build.
 TORCH = $(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+# `make demo` installs once: again only when pyproject.toml changes or this Python cannot import qembed.
+STAMP = .make/install.stamp
 
 .PHONY: install install-test demo test lint bench
 
 install:
 	$(TORCH)
 	$(PIP) install -e ".[demo,milvus]"
+	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(MAKE) install
 
 install-test:
 	$(TORCH)
 	$(PIP) install -e ".[test,demo,milvus,serve]"
+	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
 
-demo: install
+demo: $(STAMP)
+	@$(PYTHON) -c "import qembed" 2>/dev/null || $(MAKE) install
 	$(PYTHON) -m qembed demo $(if $(MODEL),--model $(MODEL),)
 
 test: install-test

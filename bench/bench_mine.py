@@ -184,7 +184,7 @@ def main() -> None:
                 start, q, [QueryInput(float(s), frozenset({int(r)})) for s, r in zip(pos_scores, rows)]
             )
 
-    config = MiningConfig()  # the defaults: ranks [20, 50), 5 negatives, max 0.8, margin 0.1, top
+    config = MiningConfig(num_negatives=5)  # the recorded run: ranks [20, 50), 5 negatives, max 0.8, margin 0.1, top
     stats = MiningStats()
     t0 = time.perf_counter()
     written = 0

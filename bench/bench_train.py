@@ -64,6 +64,7 @@ def phase_prepare(args, work: Path) -> None:
         work / "agri",
         work / "mined.jsonl",
         split="train",
+        num_negatives=5,  # as in the recorded run (the default is now 3)
         overwrite=True,
         cache_dir=work / "cache",
         show_progress=False,

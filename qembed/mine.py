@@ -30,6 +30,7 @@ from qembed.data.pairs import PairRecord, read_pairs
 from qembed.errors import QembedError
 from qembed.models.prompts import MODEL_DEFAULT, QueryFormat
 from qembed.negatives import (
+    NUM_NEGATIVES,
     MiningConfig,
     MiningStats,
     Negative,
@@ -102,7 +103,7 @@ def mine_hard_negatives(
     *,
     corpus: str | Path | None = None,
     split: str = "train",
-    num_negatives: int = 5,
+    num_negatives: int = NUM_NEGATIVES,
     range_min: int = 20,
     range_max: int = 50,
     max_score: float | None = 0.8,
@@ -121,15 +122,17 @@ def mine_hard_negatives(
     chunk_size: int = 1024,
     overwrite: bool = False,
     show_progress: bool | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> MiningResult:
     """Mine hard negatives for every record of `input` and write them to `output` (JSONL).
 
     `model`/`reranker` are names/paths or loaded `Embedder`/`Reranker` objects. `relative_margin` replaces
     the absolute `margin` when given. `instruction` is the query format: the model's own (`MODEL_DEFAULT`), a
     text, a `QueryFormat`, or None (bare queries).
-    `index` is an index spec (`faiss`, `hnsw`, `milvus:PATH_OR_URI`). `batch_tokens`: padded tokens per batch
-    for the embedder and the reranker (None: each model's measured default). An existing `output` is resumed
-    (records already written are skipped) unless `overwrite`.
+    `index` is an index spec (`faiss`, `hnsw`, `milvus:PATH_OR_URI`). An existing `output` is resumed
+    (records already written are skipped) unless `overwrite`. `device`, `dtype` and `batch_tokens` (padded
+    tokens per batch; None: each model's measured default) are passed to the embedder and the reranker.
     """
     from qembed.eval.cache import CachedEncoder
     from qembed.index import open_index
@@ -152,11 +155,11 @@ def mine_hard_negatives(
     output = Path(output)
     done = resume_point(output, records, overwrite)
 
-    emb = model if isinstance(model, Embedder) else Embedder.from_pretrained(model)
+    emb = model if isinstance(model, Embedder) else Embedder.from_pretrained(model, device=device, dtype=dtype)
     if reranker is not None and isinstance(reranker, (str, Path)):
         from qembed.models.reranker import Reranker
 
-        reranker = Reranker.from_pretrained(reranker)
+        reranker = Reranker.from_pretrained(reranker, device=device, dtype=dtype)
     try:
         options = {"dim": dim, "cache_dir": cache_dir, "batch_tokens": batch_tokens}
         encode_queries = CachedEncoder(emb, query_format=instruction, **options)

@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from qembed.data.text import normalize_text
 from qembed.errors import QembedError
+from qembed.progress import progress_bar
 
+NUM_NEGATIVES = 3  # hard negatives per query: one default for `mine` and `train`
 RULES = ("positive", "duplicate", "max_score", "min_score", "margin", "reranker")
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -28,7 +29,7 @@ PERCENTILES = (5, 25, 50, 75, 95)
 class MiningConfig:
     """Selection parameters; `margin` and `relative_margin` are exclusive (set one, or neither)."""
 
-    num_negatives: int = 5
+    num_negatives: int = NUM_NEGATIVES
     range_min: int = 20
     range_max: int = 50
     max_score: float | None = 0.8
@@ -228,8 +229,7 @@ def mine_chunks(
     seeded per query number, so results do not depend on chunking or on resuming.
     """
     config.validate()
-    disable = None if show_progress is None else not show_progress
-    with tqdm(total=total, desc="mining", unit="query", disable=disable, dynamic_ncols=True) as bar:
+    with progress_bar(total=total, desc="mining", unit="query", enabled=show_progress) as bar:
         for chunk in chunks:
             rows, scores = index.search_rows(chunk.vectors, config.range_max)
             kept = [apply_rules(rows[i], scores[i], query, config, stats, row_hashes=row_hashes)

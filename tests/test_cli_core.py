@@ -24,7 +24,7 @@ def test_embed_npy_and_jsonl(tiny_embedder_path, tmp_path):
 
     records = tmp_path / "docs.jsonl"
     records.write_text('{"body": "alpha"}\n{"body": "beta"}\n', encoding="utf-8")
-    args = ["embed", "--model", str(tiny_embedder_path), "--input", str(records), "--field", "body", "--query",
+    args = ["embed", "--model", str(tiny_embedder_path), "--input", str(records), "--field", "body", "--queries",
             "--dim", "32", "--output", str(tmp_path / "o.jsonl")]  # fmt: skip
     assert main(args) == 0
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]

@@ -212,4 +212,4 @@ def test_instruction_options_combine():
     assert settings() == [MODEL_DEFAULT]
     assert settings(no_instruction=True) == [None]
     assert settings(instruction=["Find it"], no_instruction=True) == ["Find it", None]
-    assert settings(instruction_modes="default, none") == [MODEL_DEFAULT, None]
+    assert settings(instruction_modes=["default", "none"]) == [MODEL_DEFAULT, None]  # as the parser splits "default,none"

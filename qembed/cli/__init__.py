@@ -8,7 +8,9 @@ import importlib
 import logging
 import sys
 
+from qembed.cli.common import QembedParser, UsageError
 from qembed.errors import QembedError
+from qembed.progress import forced_mode
 
 # One module per verb (or verb group); order is the order of `qembed --help`.
 VERB_MODULES = [
@@ -26,9 +28,9 @@ VERB_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qembed", description="Qwen3-style embedding and reranking toolkit")
+    parser = QembedParser(prog="qembed", description="Qwen3-style embedding and reranking toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and full tracebacks")
-    subparsers = parser.add_subparsers(dest="verb", required=True, metavar="<verb>")
+    subparsers = parser.add_subparsers(dest="verb", required=True, metavar="<verb>", parser_class=QembedParser)
     for name in VERB_MODULES:
         importlib.import_module(name).add_parser(subparsers)
     return parser
@@ -36,15 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:  # one line, like every other bad input
+        print(exc, file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        result = args.func(args)
+        with forced_mode(getattr(args, "progress_mode", None)):
+            result = args.func(args)
     except QembedError as exc:
         if args.verbose:
             raise
         print(f"qembed {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"qembed {args.verb}: interrupted", file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from qembed.cli.common import add_list, add_output_args, add_progress_args, check_output
 from qembed.data.qa_to_beir import FORMATS, qa_to_beir
 
 
@@ -15,8 +16,8 @@ def add_parser(subparsers) -> None:
         "qa-to-beir",
         help="question-answer pairs -> BEIR folder (answers = corpus, disjoint train/test queries)",
     )
-    qa.add_argument("--input", required=True, action="append", metavar="FILE",
-                    help="JSON array, JSONL or CSV file of QA rows (repeat for several files)")
+    add_list(qa, "--input", required=True, metavar="FILE",
+             help="JSON array, JSONL or CSV file(s) of QA rows (comma-separated, or repeat the flag)")
     qa.add_argument("--format", choices=FORMATS, default=None, help="input format (default: from the extension)")
     qa.add_argument("--encoding", default="utf-8", help="input text encoding, e.g. gb18030 (default: utf-8)")
     qa.add_argument("--question-field", required=True, metavar="F", help="field holding the question")
@@ -26,11 +27,13 @@ def add_parser(subparsers) -> None:
                     help="share of distinct questions drawn for test, then capped by --num-queries (default: 0.2); "
                          "all other questions are train")
     qa.add_argument("--seed", type=int, default=0, help="seed of the train/test draw (default: 0)")
-    qa.add_argument("--output", required=True, metavar="DIR", help="BEIR folder to write")
+    add_output_args(qa, help="BEIR folder to write", metavar="DIR")
+    add_progress_args(qa)
     qa.set_defaults(func=run_qa_to_beir)
 
 
 def run_qa_to_beir(args: argparse.Namespace) -> int:
+    check_output(args.output, input=args.input)
     summary = qa_to_beir(
         args.input, args.output, question_field=args.question_field, answer_field=args.answer_field,
         format=args.format, encoding=args.encoding, num_queries=args.num_queries,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from qembed.cli.common import add_progress_args
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="small end-to-end demo: embed, search, rerank")
     p.add_argument("--model", help="embedding model (default: Qwen/Qwen3-Embedding-0.6B; offline: all-MiniLM-L6-v2)")
     p.add_argument("--reranker", help="reranker (default: Qwen/Qwen3-Reranker-0.6B)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help="hits shown per query")
+    add_progress_args(p)
     p.set_defaults(func=run)
 
 

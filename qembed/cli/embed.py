@@ -7,21 +7,21 @@ from pathlib import Path
 
 import numpy as np
 
+from qembed.cli.common import add_model_args, add_output_args, add_progress_args, check_output
 from qembed.data.corpus import iter_corpus
 from qembed.errors import QembedError
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("embed", help="embed texts from a .txt or .jsonl file")
-    p.add_argument("--model", required=True, help="local folder or hub id")
+    add_model_args(p, help="embedding model: local folder or hub id")
     p.add_argument("--input", required=True, help=".txt (one text per line), .jsonl or a BEIR folder")
     p.add_argument("--field", default="text", help="text field of .jsonl records (default: text)")
-    p.add_argument("--query", action="store_true", help="embed as queries (with the model's query instruction)")
-    p.add_argument("--instruction", help="query instruction (implies --query)")
-    p.add_argument("--dim", type=int, help="Matryoshka dimension (first N components, re-normalised)")
-    p.add_argument("--output", required=True, help="FILE.npy or FILE.jsonl")
-    p.add_argument("--device")
-    p.add_argument("--dtype", help="fp32 | fp16 | bf16")
+    p.add_argument("--queries", action="store_true", help="the texts are queries: embed them with the model's query instruction")
+    p.add_argument("--instruction", help="query instruction (implies --queries; default: the model's own)")
+    p.add_argument("--dim", type=int, help="Matryoshka dimension, first N components re-normalised (default: full)")
+    add_output_args(p, help="FILE.npy or FILE.jsonl (overwritten)")
+    add_progress_args(p)
     p.set_defaults(func=run)
 
 
@@ -31,6 +31,7 @@ def run(args) -> int:
     output = Path(args.output)
     if output.suffix not in (".npy", ".jsonl"):
         raise QembedError(f"--output must end in .npy or .jsonl, got {output.name}")
+    check_output(output, input=args.input)
     docs = list(iter_corpus(args.input, text_field=args.field, keep_blank=True))  # row i = document i
     texts = [doc.text for doc in docs]
     embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
@@ -38,12 +39,13 @@ def run(args) -> int:
         embedder._check_dim(args.dim)
     except ValueError as exc:
         raise QembedError(str(exc)) from None
+    options = {"dim": args.dim, "batch_tokens": args.batch_tokens}
     if args.instruction is not None:
-        vectors = embedder.encode_queries(texts, instruction=args.instruction, dim=args.dim)
-    elif args.query:
-        vectors = embedder.encode_queries(texts, dim=args.dim)
+        vectors = embedder.encode_queries(texts, instruction=args.instruction, **options)
+    elif args.queries:
+        vectors = embedder.encode_queries(texts, **options)
     else:
-        vectors = embedder.encode_documents(texts, dim=args.dim)
+        vectors = embedder.encode_documents(texts, **options)
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".npy":
         np.save(output, vectors)

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from qembed.cli.common import (
+    RunFailed,
+    add_device_args,
+    add_list,
+    add_output_args,
+    add_progress_args,
+    check_output,
+)
 from qembed.errors import QembedError
 
 
@@ -26,31 +34,32 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl, another .jsonl with a text field, or .txt (one document per line)")
     p.add_argument("--text-field", default="text", help="text field of a .jsonl corpus (default: text)")
-    p.add_argument("--output", required=True, help="output JSONL (appended; resumable)")
+    add_output_args(p, help="output JSONL (appended: an existing one is resumed)", resumable=True)
     llm = p.add_mutually_exclusive_group(required=True)
     llm.add_argument("--llm-base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
     llm.add_argument("--llm-local", metavar="PATH", help="a local transformers causal LM instead of a server")
     p.add_argument("--llm-model", help="model name sent to the server (required with --llm-base-url)")
     p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key (never printed)")
-    p.add_argument("--task", choices=["retrieval", "sts", "bitext"], default="retrieval")
-    p.add_argument("--personas", help="persona file: JSONL with a 'persona' field (Persona Hub format) or text lines; default: the built-in library")
+    p.add_argument("--task", choices=["retrieval", "sts", "bitext"], default="retrieval",
+                   help="retrieval: (query, passage); sts: (paraphrase, sentence); bitext: (translation, segment)")
+    p.add_argument("--personas", help="persona file: JSONL with a 'persona' field (Persona Hub format) or text lines (default: the built-in library)")
     p.add_argument("--embed-model", default="Qwen/Qwen3-Embedding-0.6B", help="embedder that matches personas to documents")
-    p.add_argument("--device", help="device for the embedder and a local LLM (default: cuda if available)")
-    p.add_argument("--languages", default="en", help="comma-separated query languages drawn per query, e.g. zh,en (default: en)")
-    p.add_argument("--queries-per-doc", type=int, default=1)
-    p.add_argument("--limit", type=int, help="only the first N documents of the corpus")
+    add_device_args(p, what="the persona embedder and a local LLM")
+    add_list(p, "--languages", default=["en"], metavar="LANGS", help="query languages drawn per query, e.g. zh,en")
+    p.add_argument("--queries-per-doc", type=int, default=1, help="queries generated per document")
+    p.add_argument("--limit", type=int, help="only the first N documents of the corpus (default: all)")
     p.add_argument("--concurrency", type=int, default=8, help="documents in flight (default: 8)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request attempt (default: 120)")
     p.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx/timeouts (default: 5)")
     p.add_argument("--max-repairs", type=int, default=2, help="repair prompts after an unusable answer (default: 2)")
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the LLM")
     p.add_argument("--max-tokens", type=int, default=512, help="max new tokens per answer (default: 512)")
     p.add_argument("--words-range", type=_range, default=(4, 30), metavar="MIN,MAX", help="query length in words for space-separated languages (default: 4,30)")
     p.add_argument("--chars-range", type=_range, default=(6, 40), metavar="MIN,MAX", help="query length in characters for zh/ja/ko (default: 6,40)")
     p.add_argument("--seed", type=int, default=0, help="seed for the per-query draws of language and length")
     p.add_argument("--allow-thinking", action="store_true", help="do not send chat_template_kwargs={'enable_thinking': false}")
     p.add_argument("--local-batch-size", type=int, default=8, help="prompts per generate() call with --llm-local")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_args(p)
     p.set_defaults(func=run)
 
 
@@ -59,12 +68,13 @@ def run(args) -> int:
     from qembed.synth.llm import LocalChat, OpenAIChat, RetryPolicy
 
     config = SynthConfig(
-        task=args.task, languages=args.languages.split(","), queries_per_doc=args.queries_per_doc,
+        task=args.task, languages=args.languages, queries_per_doc=args.queries_per_doc,
         words_range=args.words_range, chars_range=args.chars_range, max_repairs=args.max_repairs,
         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, concurrency=args.concurrency,
     )  # fmt: skip
     if args.limit is not None and args.limit < 1:
         raise QembedError("--limit must be at least 1")
+    check_output(args.output, corpus=args.corpus, personas=args.personas)
     if args.llm_base_url:
         if not args.llm_model:
             raise QembedError("--llm-model is required with --llm-base-url")
@@ -74,14 +84,20 @@ def run(args) -> int:
     else:  # loaded only after the corpus and personas have been checked
 
         def llm():
-            return LocalChat(args.llm_local, batch_size=args.local_batch_size, device=args.device)
+            return LocalChat(args.llm_local, batch_size=args.local_batch_size, device=args.device, dtype=args.dtype)
     stats = synthesize_corpus(
         args.corpus, args.output, llm, config=config, personas=args.personas, embed_model=args.embed_model,
-        device=args.device, text_field=args.text_field, limit=args.limit, show_progress=False if args.no_progress else None,
+        device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens, text_field=args.text_field,
+        limit=args.limit, overwrite=args.overwrite,
     )  # fmt: skip
     rate = stats.done / stats.seconds if stats.seconds else 0.0
+    rejects = rejects_path(args.output)
     print(f"wrote {stats.done} record(s) to {args.output} ({rate:.1f}/s); {stats.failed} failed "
-          f"(see {rejects_path(args.output)}); {stats.skipped} already done")  # fmt: skip
+          f"(see {rejects}); {stats.skipped} already done")  # fmt: skip
+    if stats.rejected_before:
+        print(f"{stats.rejected_before} rejected for good in an earlier run (not retried; --overwrite starts afresh)")
     for reason, count in sorted(stats.reasons.items(), key=lambda kv: -kv[1]):
         print(f"  {count:>6}  {reason}")
+    if stats.failed and not stats.done:
+        raise RunFailed(f"no query was generated: all {stats.failed} job(s) failed (see {rejects})")
     return 0

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from qembed.cli.common import add_list, add_progress_args, check_output
 from qembed.train.config import TrainConfig
 
 D = TrainConfig  # the CLI's defaults are the library's
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends '(default: X)' unless the help already names the default, or the option is a flag or unset."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.nargs == 0 or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def _margin(text: str) -> float | None:
@@ -33,9 +21,8 @@ def _margin(text: str) -> float | None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder or hub id to start from")
-    p.add_argument(
-        "--data", required=True, help="training JSONL file(s), comma-separated ({query, pos, neg})"
-    )
+    add_list(p, "--data", required=True, metavar="FILES",
+             help="training JSONL file(s), comma-separated or repeated ({query, pos, neg})")  # fmt: skip
     p.add_argument(
         "--output", required=True, help="output folder: the trained model, checkpoints/ and train_log.jsonl"
     )
@@ -49,8 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-r", type=int, default=D.lora_r, help="LoRA rank")
     p.add_argument("--lora-alpha", type=int, default=D.lora_alpha, help="LoRA scaling alpha")
     p.add_argument("--lora-dropout", type=float, default=D.lora_dropout, help="dropout on the LoRA input")
-    p.add_argument("--lora-targets", default=None,
-                   help="comma-separated module names (default: attention and MLP projections of the family)")  # fmt: skip
+    add_list(p, "--lora-targets", default=None, metavar="NAMES",
+             help="module names, e.g. q_proj,v_proj (default: attention and MLP projections of the family)")  # fmt: skip
     p.add_argument("--no-merge-lora", dest="merge_lora", action="store_false",
                    help="export the LoRA adapter instead of the merged model")  # fmt: skip
     p.add_argument("--num-negatives", type=int, default=D.num_negatives,
@@ -81,14 +68,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=D.precision,
                    help="autocast on GPU (auto: bf16 where supported, else fp16; CPU: fp32)")  # fmt: skip
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (default: all epochs)")
+    add_progress_args(p)
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("train", help="fine-tune an embedder or a reranker")
     sub = parser.add_subparsers(dest="what", required=True, metavar="<embedder|reranker>")
 
-    emb = sub.add_parser("embedder", formatter_class=_Help,
-                         help="contrastive fine-tuning (InfoNCE, Qwen3 options, GradCache, LoRA)")  # fmt: skip
+    emb = sub.add_parser("embedder", help="contrastive fine-tuning (InfoNCE, Qwen3 options, GradCache, LoRA)")  # fmt: skip
     _common(emb)
     emb.add_argument("--temperature", type=float, default=None,
                      help="InfoNCE temperature (default: 0.01 last-token pooling, 0.05 mean/CLS pooling)")  # fmt: skip
@@ -96,28 +83,26 @@ def add_parser(subparsers) -> None:
                      help="Qwen3 in-batch query-query and document-document terms (default: on)")  # fmt: skip
     emb.add_argument("--fn-margin", type=_margin, default=D.fn_margin, metavar="MARGIN",
                      help="false-negative mask: drop candidates above s(q, pos) + MARGIN (>= 0); 'off' disables it")  # fmt: skip
-    emb.add_argument("--mrl-dims", type=_ints, default=None, help="Matryoshka dims (>= 32), e.g. 32,64,128,256 (default: off)")
+    add_list(emb, "--mrl-dims", item=int, default=None, metavar="DIMS",
+             help="Matryoshka dims (>= 32), e.g. 32,64,128,256 (default: off)")  # fmt: skip
     emb.add_argument("--grad-cache-chunk", type=int, default=None, metavar="N",
                      help="GradCache: texts per forward pass (default: the whole batch at once, no cache)")  # fmt: skip
     emb.set_defaults(func=run)
 
-    rr = sub.add_parser("reranker", formatter_class=_Help,
-                        help="pointwise yes/no SFT (Qwen3-Reranker) or BCE (cross-encoders)")  # fmt: skip
+    rr = sub.add_parser("reranker", help="pointwise yes/no SFT (Qwen3-Reranker) or BCE (cross-encoders)")  # fmt: skip
     _common(rr)
-    rr.add_argument("--chunk-size", dest="grad_cache_chunk", type=int, default=None, metavar="N",
+    rr.add_argument("--grad-cache-chunk", type=int, default=None, metavar="N",
                     help="pairs per forward pass (default: the whole batch at once)")  # fmt: skip
     rr.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    values["data"] = [x for x in args.data.split(",") if x]
-    if args.lora_targets:
-        values["lora_targets"] = [x for x in args.lora_targets.split(",") if x]
     return TrainConfig(**values)
 
 
 def run(args) -> int:
+    check_output(args.output, model=args.model, data=args.data)
     cfg = config_from_args(args)
     if args.what == "embedder":
         from qembed.train.embedder import train_embedder

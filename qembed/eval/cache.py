@@ -22,10 +22,10 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from qembed.models.embedder import truncate_and_normalize
 from qembed.models.prompts import QueryFormat
+from qembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +174,9 @@ class CachedEncoder:
         from its last finished chunk."""
         if total is None and hasattr(texts, "__len__"):
             total = len(texts)
-        disable = not show_progress if show_progress is not None else None  # None: tqdm decides (tty only)
         iterator = iter(texts)
         start = 0
-        with tqdm(total=total, desc=desc, unit="text", disable=disable, dynamic_ncols=True) as bar:
+        with progress_bar(total=total, desc=desc, unit="text", enabled=show_progress) as bar:
             while chunk := list(islice(iterator, chunk_size)):
                 yield start, self(chunk)
                 start += len(chunk)
@@ -188,11 +187,12 @@ def iter_encode_with_cache(embedder, texts: Iterable[str], *, instruction: Query
                            prompt: str = "", dim: int | None = None, normalize: bool = True,
                            cache_dir: str | Path | None = None, chunk_size: int = CHUNK_SIZE, total: int | None = None,
                            show_progress: bool | None = None, desc: str = "encoding",
-                           stats: CacheStats | None = None) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+                           stats: CacheStats | None = None,
+                           batch_tokens: int | None = None) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
     """Yield `(start, vectors)` for consecutive chunks of `texts`, encoding only texts not yet cached
     (see `CachedEncoder`); `stats`, if given, receives the hit/encoded counts."""
     encoder = CachedEncoder(embedder, query_format=instruction, prompt=prompt, dim=dim, normalize=normalize,
-                            cache_dir=cache_dir)  # fmt: skip
+                            cache_dir=cache_dir, batch_tokens=batch_tokens)  # fmt: skip
     if stats is not None:
         encoder.stats = stats
     yield from encoder.iter_chunks(texts, chunk_size=chunk_size, total=total, show_progress=show_progress, desc=desc)

@@ -49,6 +49,7 @@ def evaluate(
     batch_tokens: int | None = None,
     device: str | None = None,
     show_progress: bool | None = None,
+    dtype: str | None = None,
 ) -> list[dict]:
     """Evaluate retrieval of each model on a BEIR dataset; returns one result dict per run.
 
@@ -56,8 +57,8 @@ def evaluate(
     `MODEL_DEFAULT`, `None` (bare queries), an instruction text or a `QueryFormat` — or a list of these to
     compare side by side. `reranker`: a name/path or `Reranker` that reorders each query's top `rerank_top`
     candidates. `index`: an `open_index` spec (`faiss`, `hnsw`, `milvus:PATH.db`, `milvus:http://HOST:PORT`).
-    `cache=False` keeps vectors in memory only (for weights that change, as in training). `batch_tokens`:
-    padded tokens per batch for the embedders and the reranker (None: each model's measured default). Metrics are
+    `cache=False` keeps vectors in memory only (for weights that change, as in training). `device`, `dtype`
+    and `batch_tokens` (padded tokens per batch; None: each model's measured default) are passed to the models. Metrics are
     fractions in [0, 1] keyed `"<metric>@<k>"` (see `qembed.eval.metrics`; nDCG gain `ndcg_gain`).
     """
     from qembed.eval.report import write_outputs
@@ -81,13 +82,13 @@ def evaluate(
 
     rr, rr_name = None, None
     if reranker is not None:
-        rr = reranker if isinstance(reranker, Reranker) else Reranker.from_pretrained(reranker, device=device)
+        rr = reranker if isinstance(reranker, Reranker) else Reranker.from_pretrained(reranker, device=device, dtype=dtype)
         rr_name = str(getattr(rr, "name_or_path", reranker))
     options = {"dim": dim, "cache_dir": cache_dir, "persist": cache, "batch_tokens": batch_tokens}
     results: list[dict] = []
     for model in models:
         started = time.perf_counter()
-        emb = model if isinstance(model, Embedder) else Embedder.from_pretrained(model, device=device)
+        emb = model if isinstance(model, Embedder) else Embedder.from_pretrained(model, device=device, dtype=dtype)
         name = str(model) if not isinstance(model, Embedder) else emb.name_or_path
         load_s = time.perf_counter() - started
         if dim is not None and not (isinstance(dim, int) and 0 < dim <= emb.hidden_size):
@@ -110,7 +111,8 @@ def evaluate(
 
             t = time.perf_counter()
             depth = min(len(doc_keys), max(ks[-1], rerank_top if rr else 0))
-            rows, _ = vector_index.search_rows(query_vectors, min(len(doc_keys), depth + TIE_MARGIN))
+            rows, _ = vector_index.search_rows(query_vectors, min(len(doc_keys), depth + TIE_MARGIN),
+                                              show_progress=show_progress)
             run = {qid: _exact_ranking(row, vector, docs, doc_keys, dataset.doc_ids, depth)
                    for qid, row, vector in zip(dataset.query_ids, rows, query_vectors)}  # fmt: skip
             timings["search_s"] = time.perf_counter() - t

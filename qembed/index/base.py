@@ -46,14 +46,14 @@ def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def progress(ranges: list[tuple[int, int]], enabled: bool, total: int) -> Iterator[tuple[int, int]]:
-    """Iterate over (start, stop) ranges, with a tqdm bar counting queries when enabled."""
-    if not enabled:
+def progress(ranges: list[tuple[int, int]], enabled: bool | None, total: int) -> Iterator[tuple[int, int]]:
+    """Iterate over (start, stop) ranges, counting queries with `qembed.progress` unless `enabled` is False."""
+    if enabled is False:
         yield from ranges
         return
-    from tqdm.auto import tqdm
+    from qembed.progress import progress_bar
 
-    with tqdm(total=total, desc="search", unit="q") as bar:
+    with progress_bar(total=total, desc="search", unit="query", enabled=enabled) as bar:
         for start, stop in ranges:
             yield start, stop
             bar.update(stop - start)

@@ -46,7 +46,8 @@ class MilvusIndex:
     ) -> None:
         from pymilvus import DataType, MilvusClient
 
-        if is_lite_uri(uri):
+        lite = is_lite_uri(uri)
+        if lite:
             path = Path(uri).expanduser().resolve()
             if path.suffix != ".db":
                 raise QembedError(f"a Milvus Lite path must end with .db, got {uri!r}")
@@ -80,9 +81,14 @@ class MilvusIndex:
         params.add_index(
             field_name="vector", index_type=index_type, metric_type="IP", params=index_params or {}
         )
-        self._client.create_collection(
-            collection, schema=schema, index_params=params, consistency_level="Strong"
-        )
+        if not lite:
+            self._client.create_collection(
+                collection, schema=schema, index_params=params, consistency_level="Strong"
+            )
+        else:  # waiting for the index calls AllocTimestamp, which Milvus Lite lacks (a logged traceback)
+            self._client.create_collection(collection, schema=schema, consistency_level="Strong")
+            self._client.create_index(collection, params, sync=False)
+            self._client.load_collection(collection)
         self._count = 0
 
     def _row_count(self) -> int:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from qembed.models import prompts
 from qembed.models.batching import default_batch_tokens, pad_batch, token_budget_batches
@@ -39,6 +38,7 @@ from qembed.models.loading import (
     write_sentence_transformers_files,
 )
 from qembed.models.prompts import MODEL_DEFAULT, QueryFormat
+from qembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +228,8 @@ class Embedder:
         budget = batch_tokens or self.default_batch_tokens
         batches = token_budget_batches([len(ids) for ids in token_ids], budget)
         result = np.empty((len(texts), self.hidden_size), dtype=np.float32)
-        show = len(texts) >= _AUTO_PROGRESS_FROM if show_progress is None else show_progress
-        with torch.inference_mode(), tqdm(total=len(texts), disable=not show, desc="encode", unit="text") as bar:
+        show = (None if len(texts) >= _AUTO_PROGRESS_FROM else False) if show_progress is None else show_progress
+        with torch.inference_mode(), progress_bar(total=len(texts), enabled=show, desc="encode", unit="text") as bar:
             for indices in batches:
                 vectors = self.forward_features(self.collate([token_ids[i] for i in indices]))
                 result[indices] = vectors.float().cpu().numpy()

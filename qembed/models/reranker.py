@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from qembed.errors import QembedError
 from qembed.models import prompts
@@ -34,6 +33,7 @@ from qembed.models.loading import (
     pick_dtype,
     resolve_model_dir,
 )
+from qembed.progress import progress_bar
 
 _AUTO_PROGRESS_FROM = 256  # pairs
 PAIRS_PER_WINDOW = 4096  # pairs tokenised and batched together by `score_pairs`
@@ -196,8 +196,8 @@ class Reranker:
         pairs = _check_pairs(pairs)
         budget = batch_tokens or self.default_batch_tokens
         scores: list[float] = []
-        show = len(pairs) >= _AUTO_PROGRESS_FROM if show_progress is None else show_progress
-        with torch.inference_mode(), tqdm(total=len(pairs), disable=not show, desc="rerank", unit="pair") as bar:
+        show = (None if len(pairs) >= _AUTO_PROGRESS_FROM else False) if show_progress is None else show_progress
+        with torch.inference_mode(), progress_bar(total=len(pairs), enabled=show, desc="rerank", unit="pair") as bar:
             for begin in range(0, len(pairs), PAIRS_PER_WINDOW):
                 token_ids = self.prepare_pair_list(pairs[begin : begin + PAIRS_PER_WINDOW], instruction=instruction)
                 window = [0.0] * len(token_ids)

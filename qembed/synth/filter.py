@@ -82,8 +82,9 @@ def filter_records(records: list[dict[str, Any]], embedder: Any, *, threshold: f
             dropped["malformed"] += 1
     scores = np.zeros(len(valid), dtype=np.float32)
     if valid:
-        q = embedder.encode_queries([r["query"] for r in valid], batch_tokens=batch_tokens)
-        d = embedder.encode_documents([r["pos"][0] for r in valid], batch_tokens=batch_tokens)
+        options = {} if batch_tokens is None else {"batch_tokens": batch_tokens}  # None: the model's default
+        q = embedder.encode_queries([r["query"] for r in valid], **options)
+        d = embedder.encode_documents([r["pos"][0] for r in valid], **options)
         scores = np.einsum("ij,ij->i", np.asarray(q, dtype=np.float32), np.asarray(d, dtype=np.float32))
     kept: list[dict[str, Any]] = []
     seen_exact: set[str] = set()
@@ -110,7 +111,7 @@ def filter_records(records: list[dict[str, Any]], embedder: Any, *, threshold: f
 
 
 def filter_file(input_path: str | Path, output_path: str | Path, model: str, *, threshold: float = 0.7,
-                device: str | None = None, batch_tokens: int | None = None) -> FilterReport:  # fmt: skip
+                device: str | None = None, dtype: str | None = None, batch_tokens: int | None = None) -> FilterReport:  # fmt: skip
     """Filter a synthetic-pairs JSONL file into `output_path` (written atomically) with embedding `model`."""
     from qembed.models.embedder import Embedder
 
@@ -119,7 +120,7 @@ def filter_file(input_path: str | Path, output_path: str | Path, model: str, *, 
     if Path(input_path).resolve() == Path(output_path).resolve():
         raise QembedError("--output must differ from --input")
     records = list(iter_jsonl(input_path, allow_truncated_tail=True))
-    embedder = Embedder.from_pretrained(model, device=device)
+    embedder = Embedder.from_pretrained(model, device=device, dtype=dtype)
     kept, report = filter_records(records, embedder, threshold=threshold, batch_tokens=batch_tokens)
     write_jsonl(output_path, kept)
     return report

@@ -17,7 +17,8 @@ from typing import Any
 from qembed.data.corpus import Document
 from qembed.data.jsonl import JsonlAppender, iter_jsonl
 from qembed.data.text import normalize_text
-from qembed.errors import QembedError
+from qembed.errors import ModelNotFoundError, QembedError
+from qembed.progress import progress_bar
 from qembed.synth import prompts
 from qembed.synth.llm import ChatLLM, LLMError
 from qembed.synth.parsing import (
@@ -70,7 +71,8 @@ class SynthConfig:
 class SynthStats:
     done: int = 0
     failed: int = 0
-    skipped: int = 0  # already in the output (or rejected for good) from an earlier run
+    skipped: int = 0  # already in the output from an earlier run
+    rejected_before: int = 0  # rejected for good (not transient) by an earlier run: not retried
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -251,8 +253,9 @@ def synthesize(
     show_progress: bool | None = None,
 ) -> SynthStats:
     """Generate `config.queries_per_doc` records per document into `output` (JSONL, appended, flushed per
-    record); failures go to `rejects_path(output)`. Jobs already in the output — or rejected for a
-    non-transient reason — are skipped, so rerunning the same command resumes. The retrieval task needs a
+    record); failures go to `rejects_path(output)`. Jobs already in the output (`stats.skipped`) or rejected
+    for a non-transient reason (`stats.rejected_before`) are skipped, so rerunning the same command resumes;
+    transient failures (timeouts, 429/5xx, local out-of-memory and runtime errors) are tried again. The retrieval task needs a
     `matcher` (persona candidates). Closes `llm` at the end."""
     cfg = config or SynthConfig()
     output = Path(output)
@@ -263,8 +266,10 @@ def synthesize(
     finished = done | rejected
     stats = SynthStats()
     for doc in docs:
-        todo = [i for i in range(cfg.queries_per_doc) if query_id(doc.doc_id, i, cfg.task) not in finished]
-        stats.skipped += cfg.queries_per_doc - len(todo)
+        ids = [query_id(doc.doc_id, i, cfg.task) for i in range(cfg.queries_per_doc)]
+        todo = [i for i, qid in enumerate(ids) if qid not in finished]
+        stats.skipped += sum(qid in done for qid in ids)
+        stats.rejected_before += sum(qid in rejected and qid not in done for qid in ids)
         if todo:
             pending.append((doc, todo))
     total = sum(len(t) for _, t in pending)
@@ -278,12 +283,9 @@ def synthesize(
 
 
 async def _run(pending, total, output, llm, matcher, cfg, stats, show_progress) -> None:
-    from tqdm.auto import tqdm
-
     queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.chunk_size * cfg.queries_per_doc + cfg.concurrency)
     task_func = _TASK_FUNCS[cfg.task]
-    disable = None if show_progress is None else not show_progress  # None: only on a terminal
-    bar = tqdm(total=total, unit="q", desc="synth", disable=disable, dynamic_ncols=True, smoothing=0.05)
+    bar = progress_bar(total=total, unit="query", desc="synth", enabled=show_progress, smoothing=0.05)
     bar.set_postfix(done=0, failed=0)
 
     # a small first chunk gets requests going before the bulk of the persona matching
@@ -328,8 +330,8 @@ async def _run(pending, total, output, llm, matcher, cfg, stats, show_progress) 
                            "query_id": query_id(job.doc.doc_id, job.index, cfg.task), "pos_ids": [job.doc.doc_id],
                            "meta": result["meta"]})  # fmt: skip
                 stats.done += 1
-            bar.update(1)
             bar.set_postfix(done=stats.done, failed=stats.failed, refresh=False)
+            bar.update(1)
 
     try:
         with JsonlAppender(output) as out, JsonlAppender(rejects_path(output)) as rej:
@@ -360,10 +362,15 @@ def synthesize_corpus(
     text_field: str = "text",
     limit: int | None = None,
     show_progress: bool | None = None,
+    dtype: str | None = None,
+    batch_tokens: int | None = None,
+    overwrite: bool = False,
 ) -> SynthStats:
     """`synthesize` over a corpus file (read by `qembed.data.corpus.read_corpus`): loads the persona library (the shipped one
-    when `personas` is None) and, when it has more than five entries, `embed_model` to match them.
-    `llm` may be a zero-argument factory, called once the inputs have been read and checked."""
+    when `personas` is None) and, when it has more than five entries, `embed_model` to match them
+    (`device`, `dtype`, `batch_tokens`: None for its defaults). `llm` may be a zero-argument factory,
+    called once the inputs have been read and checked. `overwrite` deletes the output and its rejects
+    file first instead of resuming them."""
     from qembed.data.corpus import read_corpus
     from qembed.synth.personas import load_personas
 
@@ -377,12 +384,18 @@ def synthesize_corpus(
             if len(library) > 5:
                 from qembed.models.embedder import Embedder
 
-                embedder = Embedder.from_pretrained(embed_model, device=device)
-            matcher = PersonaMatcher(library, embedder)
+                try:
+                    embedder = Embedder.from_pretrained(embed_model, device=device, dtype=dtype)
+                except ModelNotFoundError as exc:  # the user named it with --embed-model, not --model
+                    raise ModelNotFoundError(str(exc).replace("--model ", "--embed-model ")) from None
+            matcher = PersonaMatcher(library, embedder, batch_tokens=batch_tokens)
     except BaseException:
         if not callable(llm):
             asyncio.run(llm.aclose())
         raise
     if callable(llm):
         llm = llm()
+    if overwrite:
+        for path in (Path(output), rejects_path(output)):
+            path.unlink(missing_ok=True)
     return synthesize(docs, output, llm, matcher=matcher, config=cfg, show_progress=show_progress)

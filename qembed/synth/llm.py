@@ -198,20 +198,22 @@ class LocalChat:
     `temperature` is 0, sampled otherwise."""
 
     def __init__(self, path: str, *, batch_size: int = 8, device: str | None = None, dtype: str | None = None) -> None:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from qembed.errors import ModelNotFoundError
+        from qembed.models.loading import pick_device, pick_dtype
 
         try:
+            target = pick_device(device)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            torch_dtype = getattr(torch, dtype) if dtype else "auto"
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
-        except OSError as exc:
-            raise ModelNotFoundError(f"cannot load local LLM {path!r}: {exc}") from None
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(device)
-        self.device = device
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, target)).eval()
+            self.model.to(target)
+        except QembedError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, AssertionError, ImportError) as exc:
+            # a missing or malformed folder, an unknown architecture, a device that is not there
+            reason = " ".join(str(exc).split())[:300]
+            raise QembedError(f"cannot load local LLM {path!r} on {device or target}: {reason}") from None
+        self.device = str(target)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -271,9 +273,15 @@ class LocalChat:
                         self.generate, [g[0] for g in group], max_tokens=max_tokens, temperature=temperature
                     )
                 except Exception as exc:  # surface to every waiting caller
+                    # out of memory and other runtime errors may not recur (smaller batch, freed memory):
+                    # transient, so the next run tries the job again
+                    transient = isinstance(exc, (RuntimeError, MemoryError))
+                    error = LLMError(f"local generation failed: {type(exc).__name__}: {exc}", transient=transient)
+                    if transient and "out of memory" in str(exc).lower():
+                        log.warning("local generation ran out of memory; lower --local-batch-size or --max-tokens")
                     for g in group:
                         if not g[3].done():
-                            g[3].set_exception(LLMError(f"local generation failed: {exc}", transient=False))
+                            g[3].set_exception(error)
                     continue
                 for g, text in zip(group, texts):
                     if not g[3].done():

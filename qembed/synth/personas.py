@@ -63,6 +63,7 @@ class PersonaMatcher:
     embedder: Any = None
     k: int = 5
     vectors: Any = None
+    batch_tokens: int | None = None  # padded tokens per encoding batch (None: the embedder's default)
 
     def __post_init__(self) -> None:
         if not self.personas:
@@ -71,7 +72,11 @@ class PersonaMatcher:
             if self.embedder is None:
                 raise QembedError(f"{len(self.personas)} personas need an embedding model to pick {self.k} per document")
             if self.vectors is None:
-                self.vectors = self.embedder.encode_documents(self.personas, show_progress=False)
+                self.vectors = self.embedder.encode_documents(self.personas, show_progress=False, **self._options)
+
+    @property
+    def _options(self) -> dict[str, int]:
+        return {} if self.batch_tokens is None else {"batch_tokens": self.batch_tokens}
 
     @property
     def needs_embedder(self) -> bool:
@@ -85,9 +90,10 @@ class PersonaMatcher:
             return [list(self.personas) for _ in documents]
         heads = [d[:DOC_CHARS_FOR_MATCHING] for d in documents]
         if self.embedder.default_instruction is not None:  # instruction-aware model: documents ask the question
-            doc_vecs = self.embedder.encode_queries(heads, instruction=PERSONA_INSTRUCTION, show_progress=False)
+            doc_vecs = self.embedder.encode_queries(heads, instruction=PERSONA_INSTRUCTION, show_progress=False,
+                                                   **self._options)
         else:
-            doc_vecs = self.embedder.encode(heads, show_progress=False)
+            doc_vecs = self.embedder.encode(heads, show_progress=False, **self._options)
         scores = np.asarray(doc_vecs, dtype=np.float32) @ np.asarray(self.vectors, dtype=np.float32).T
         k = self.k
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from qembed.data.jsonl import JsonlAppender, write_jsonl
 from qembed.errors import QembedError
+from qembed.progress import progress_bar
 from qembed.train import checkpoint, distributed
 from qembed.train.config import CONFIG_FILE, TrainConfig, check_model, check_output, saved_record, validate
 
@@ -179,8 +179,8 @@ def run_training(
     logger = JsonlAppender(log_path, fsync=False) if is_main else None
     result = TrainResult(output=output, steps=state["step"])
 
-    bar = tqdm(
-        total=total, initial=state["step"], desc="train", unit="step", disable=not (cfg.progress and is_main)
+    bar = progress_bar(
+        total=total, initial=state["step"], desc="train", unit="step", enabled=None if cfg.progress and is_main else False
     )
     stop = state["step"] >= total
     try:
@@ -225,8 +225,8 @@ def run_training(
                 result.losses.append(record["loss"])
                 if logger:
                     logger.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
                 stop = state["step"] >= total
                 if task.evaluate and (stop or (cfg.eval_steps and state["step"] % cfg.eval_steps == 0)):
                     _evaluate(cfg, task, state, logger, ckpt_dir)
