@@ -162,6 +162,8 @@ def record_id(record: dict, path: Path, number: int) -> str | None:
 
 
 def _iter_with_offsets(path: Path, text_field: str, keep_blank: bool) -> Iterator[tuple[int, Document]]:
+    if not path.is_file():
+        raise QembedError(f"corpus file not found: {path}")
     jsonl = path.suffix == ".jsonl"
     blank = 0
     for number, offset, raw in iter_lines(path):

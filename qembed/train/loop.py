@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qembed.data.jsonl import JsonlAppender, write_jsonl
+from qembed.data.jsonl import JsonlAppender, iter_jsonl, write_jsonl
 from qembed.errors import QembedError
 from qembed.progress import progress_bar
 from qembed.train import checkpoint, distributed
@@ -131,8 +131,8 @@ def make_scheduler(optimizer, name: str, warmup: int, total: int):
 
 def _truncate_log(path: Path, last_step: int) -> None:
     if path.exists():
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip().startswith("{")]
-        write_jsonl(path, [r for r in lines if r.get("step", 0) <= last_step])
+        kept = [r for r in iter_jsonl(path, allow_truncated_tail=True) if r.get("step", 0) <= last_step]
+        write_jsonl(path, kept)
 
 
 def run_training(
