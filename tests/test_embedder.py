@@ -289,7 +289,8 @@ def test_batch_budget_defaults_to_the_model_family(embedder, minilm, monkeypatch
 
     budgets = []
     real = module.token_budget_batches
-    monkeypatch.setattr(module, "token_budget_batches", lambda lengths, budget: budgets.append(budget) or real(lengths, budget))
+    monkeypatch.setattr(module, "token_budget_batches",
+                        lambda lengths, budget, **kw: budgets.append(budget) or real(lengths, budget, **kw))
     for model in (embedder, minilm):
         model.encode(["a text"])
         model.encode(["a text"], batch_tokens=300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -66,15 +67,26 @@ def pad_batch(
     return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
-#: Padded tokens per batch, by (model family, device type), chosen by `bench/bench_batching.py`. Decoder
-#: (last-token / causal LM) models are dominated by their weights, so large batches pay; small bidirectional
-#: encoders on a CPU are dominated by activations and attention, which stay in cache only in small batches.
-BATCH_TOKENS = {("decoder", "cpu"): 16384, ("encoder", "cpu"): 2048}
-GPU_BATCH_TOKENS = 16384  # not measured per family here (no GPU in the measurement runs)
+@dataclass(frozen=True)
+class BatchDefaults:
+    """A model family's measured batching: padded-token budget and the real tokens a batch holds before the
+    padding rule may close it (see `token_budget_batches`)."""
+
+    batch_tokens: int
+    min_batch_tokens: int
 
 
-def default_batch_tokens(decoder: bool, device_type: str) -> int:
-    """The measured padded-token budget for a model family (`decoder`: Qwen3-style causal models) on a device."""
+#: Measured on CPU (`bench/bench_batching.py`, commit fdc0e0c for the decoders). Qwen3-style decoders are
+#: dominated by their weights: 256 real tokens already saturate the matrix products, so batches close early
+#: to save padding. Small bidirectional encoders (MiniLM, 384 hidden) are dominated by per-batch overhead:
+#: many small batches cost up to 2x, so their batches fill to 4,096 padded tokens (about sentence-transformers'
+#: 32 texts), beyond which activations and attention outgrow the cache.
+FAMILY_DEFAULTS = {"decoder": BatchDefaults(16384, 256), "encoder": BatchDefaults(4096, 4096)}
+GPU_DEFAULTS = BatchDefaults(16384, 256)  # not measured per family (no GPU in the measurement runs)
+
+
+def default_batching(decoder: bool, device_type: str) -> BatchDefaults:
+    """The measured batching of a model family (`decoder`: Qwen3-style causal models) on a device type."""
     if device_type != "cpu":
-        return GPU_BATCH_TOKENS
-    return BATCH_TOKENS[("decoder" if decoder else "encoder", "cpu")]
+        return GPU_DEFAULTS
+    return FAMILY_DEFAULTS["decoder" if decoder else "encoder"]

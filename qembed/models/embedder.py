@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from qembed.models import prompts
-from qembed.models.batching import default_batch_tokens, pad_batch, token_budget_batches
+from qembed.models.batching import BatchDefaults, default_batching, pad_batch, token_budget_batches
 from qembed.models.layout import (
     ModelRecord,
     declares_matryoshka,
@@ -168,9 +168,14 @@ class Embedder:
         return {"fingerprint": self.fingerprint, "dtype": dtype, "device": torch.device(self.device).type}
 
     @property
+    def batching(self) -> BatchDefaults:
+        """The batching measured best for this model family on its device (see `default_batching`)."""
+        return default_batching(self.pooling == "lasttoken", torch.device(self.device).type)
+
+    @property
     def default_batch_tokens(self) -> int:
-        """The padded-token budget per batch measured best for this model family (see `default_batch_tokens`)."""
-        return default_batch_tokens(self.pooling == "lasttoken", torch.device(self.device).type)
+        """The padded-token budget per batch used when `batch_tokens` is None."""
+        return self.batching.batch_tokens
 
     def prepare(self, texts: Sequence[str], *, instruction: QueryFormat | str | None = None,
                 prompt: str = "") -> list[list[int]]:  # fmt: skip
@@ -225,8 +230,9 @@ class Embedder:
         if not texts:
             return np.zeros((0, out_dim), dtype=np.float32)
         token_ids = self.prepare(texts, instruction=instruction, prompt=prompt)
-        budget = batch_tokens or self.default_batch_tokens
-        batches = token_budget_batches([len(ids) for ids in token_ids], budget)
+        batching = self.batching
+        batches = token_budget_batches([len(ids) for ids in token_ids], batch_tokens or batching.batch_tokens,
+                                       min_batch_tokens=batching.min_batch_tokens)  # fmt: skip
         result = np.empty((len(texts), self.hidden_size), dtype=np.float32)
         show = (None if len(texts) >= _AUTO_PROGRESS_FROM else False) if show_progress is None else show_progress
         with torch.inference_mode(), progress_bar(total=len(texts), enabled=show, desc="encode", unit="text") as bar:

@@ -15,7 +15,7 @@ import torch
 
 from qembed.errors import QembedError
 from qembed.models import prompts
-from qembed.models.batching import default_batch_tokens, pad_batch, token_budget_batches
+from qembed.models.batching import BatchDefaults, default_batching, pad_batch, token_budget_batches
 from qembed.models.embedder import check_texts
 from qembed.models.layout import (
     ModelRecord,
@@ -126,9 +126,14 @@ class Reranker:
 
     # ------------------------------------------------------------------ formatting
     @property
+    def batching(self) -> BatchDefaults:
+        """The batching measured best for this model family on its device (see `default_batching`)."""
+        return default_batching(self.kind == "qwen3", torch.device(self.device).type)
+
+    @property
     def default_batch_tokens(self) -> int:
-        """The padded-token budget per batch measured best for this model family (see `default_batch_tokens`)."""
-        return default_batch_tokens(self.kind == "qwen3", torch.device(self.device).type)
+        """The padded-token budget per batch used when `batch_tokens` is None."""
+        return self.batching.batch_tokens
 
     def prepare_pairs(self, query: str, documents: Sequence[str], *, instruction: str | None = None) -> list[list[int]]:
         """Token ids for each (query, document) pair, truncated to `max_length`."""
@@ -194,14 +199,16 @@ class Reranker:
         of `PAIRS_PER_WINDOW` at a time, so memory stays bounded however many there are.
         """
         pairs = _check_pairs(pairs)
-        budget = batch_tokens or self.default_batch_tokens
+        batching = self.batching
+        budget = batch_tokens or batching.batch_tokens
         scores: list[float] = []
         show = (None if len(pairs) >= _AUTO_PROGRESS_FROM else False) if show_progress is None else show_progress
         with torch.inference_mode(), progress_bar(total=len(pairs), enabled=show, desc="rerank", unit="pair") as bar:
             for begin in range(0, len(pairs), PAIRS_PER_WINDOW):
                 token_ids = self.prepare_pair_list(pairs[begin : begin + PAIRS_PER_WINDOW], instruction=instruction)
                 window = [0.0] * len(token_ids)
-                for indices in token_budget_batches([len(ids) for ids in token_ids], budget):
+                for indices in token_budget_batches([len(ids) for ids in token_ids], budget,
+                                                    min_batch_tokens=batching.min_batch_tokens):  # fmt: skip
                     probs = torch.sigmoid(self.forward_logits(self.collate([token_ids[i] for i in indices])))
                     for index, value in zip(indices, probs.tolist()):
                         window[index] = value
