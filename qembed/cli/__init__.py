@@ -22,6 +22,8 @@ VERB_MODULES = [
     "qembed.cli.mine",
     "qembed.cli.train",
     "qembed.cli.merge",
+    "qembed.cli.index",
+    "qembed.cli.serve",
 ]
 
 

@@ -15,7 +15,10 @@ from qembed.errors import QembedError
 from qembed.index.base import VectorIndex
 from qembed.index.faiss_index import FaissIndex
 
-__all__ = ["FaissIndex", "VectorIndex", "load_index", "open_index", "parse_spec"]
+__all__ = [
+    "FaissIndex", "Hit", "Manifest", "SearchIndex", "VectorIndex", "build_index", "load_index", "open_index",
+    "open_search_index", "parse_spec", "search_index",
+]  # fmt: skip
 
 _HNSW_OPTIONS = {"m": int, "ef_search": int, "ef_construction": int}
 
@@ -89,3 +92,14 @@ def load_index(path: str | Path, **options) -> VectorIndex:
 
         return MilvusIndex.load(path, **options)
     raise QembedError(f"{meta_path}: unknown index backend {backend!r}")
+
+
+# The persistent index folder (`qembed index build` / `qembed search`) builds on the functions above.
+from qembed.index.store import (  # noqa: E402
+    Hit,
+    Manifest,
+    SearchIndex,
+    build_index,
+    open_search_index,
+    search_index,
+)

@@ -24,6 +24,25 @@ def is_lite_uri(uri: str) -> bool:
     return "://" not in uri
 
 
+def collection_exists(uri: str, collection: str, *, token: str = "") -> bool:
+    """Whether `collection` exists at `uri` (a Milvus Lite file that does not exist yet holds none)."""
+    from pymilvus import MilvusClient
+
+    if is_lite_uri(uri):
+        path = Path(uri).expanduser().resolve()
+        if not path.exists():
+            return False
+        uri = str(path)
+    try:
+        client = MilvusClient(uri=uri, token=token) if token else MilvusClient(uri=uri)
+    except Exception as exc:  # connection errors come in several pymilvus/grpc types
+        raise QembedError(f"cannot open Milvus at {uri}: {exc}") from None
+    try:
+        return bool(client.has_collection(collection))
+    finally:
+        client.close()
+
+
 class MilvusIndex:
     """Inner-product index in a Milvus collection.
 
@@ -156,6 +175,7 @@ class MilvusIndex:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {"backend": "milvus", "uri": self.uri, "collection": self.collection, "dim": self.dim}
+        # the token is never written: `load_index(path, token=...)` takes it from the caller
         (path / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
 
     @classmethod
