@@ -127,9 +127,7 @@ class Batcher:
         """Remove and return the next batch from the pending inputs (called with the lock held)."""
         while self._pending and self._pending[0][0].cancelled:
             self._pending.popleft()
-            self.dropped += 1
-            if self.metrics is not None:
-                self.metrics.dropped.labels(self.name).inc()
+            self._count_dropped(1)
         if not self._pending:
             return []
         head_job = self._pending[0][0]
@@ -145,10 +143,16 @@ class Batcher:
         chosen = next(b for b in batches if 0 in b)  # the oldest input always goes in the next batch
         taken = [window[i] for i in sorted(chosen)]
         taken_ids = {(id(job), i) for job, i in taken}
-        self._pending = deque(
-            item for item in self._pending if (id(item[0]), item[1]) not in taken_ids and not item[0].cancelled
-        )
+        kept = deque(item for item in self._pending if (id(item[0]), item[1]) not in taken_ids)
+        live = deque(item for item in kept if not item[0].cancelled)
+        self._count_dropped(len(kept) - len(live))
+        self._pending = live
         return taken
+
+    def _count_dropped(self, count: int) -> None:
+        self.dropped += count
+        if self.metrics is not None and count:
+            self.metrics.dropped.labels(self.name).inc(count)
 
     def _form_batches(self) -> None:
         while True:
@@ -183,9 +187,12 @@ class Batcher:
             self.worker.submit(lambda items=items, batch=batch: self._run(items, batch))
 
     def _run(self, items: list[tuple[Job, int]], batch) -> None:
-        live = [job for job, _ in items if not job.cancelled]
-        if not live:
-            return
+        live = [(job, i) for job, i in items if not job.cancelled]
+        if len(live) < len(items):  # a client went away while its inputs waited in this formed batch
+            self._count_dropped(len(items) - len(live))
+            if not live:
+                return
+            items, batch = live, self.collate([job.seqs[i] for job, i in live])
         try:
             outputs = self.forward(batch)
         except Exception as exc:
