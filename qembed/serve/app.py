@@ -32,6 +32,7 @@ from qembed.serve.schemas import EmbeddingRequest, RerankRequest, SearchRequest
 log = logging.getLogger(__name__)
 
 MAX_TOP_K = 1000
+INLINE_CHARS = 4096  # inputs up to this many characters are tokenized on the event loop (no thread hop)
 
 
 @dataclass
@@ -209,6 +210,13 @@ def _finish(rows: list[np.ndarray], dim: int) -> np.ndarray:
     return torch.nn.functional.normalize(vectors, dim=-1).numpy()
 
 
+async def _tokenize(fn, texts: list[str], *args, **kwargs) -> list[list[int]]:
+    """`fn(texts, ...)` (a model's prepare): small inputs inline, large ones in a worker thread."""
+    if sum(len(t) for t in texts) <= INLINE_CHARS:
+        return fn(texts, *args, **kwargs)
+    return await run_in_threadpool(fn, texts, *args, **kwargs)
+
+
 def _json(content: dict, status: int = 200) -> Response:
     return Response(json.dumps(content, ensure_ascii=False), status_code=status, media_type="application/json")
 
@@ -296,7 +304,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 options = {"prompt": embedder.document_prompt}
             else:
                 options = {}
-            seqs = await run_in_threadpool(embedder.prepare, items, **options)
+            seqs = await _tokenize(embedder.prepare, items, **options)
         _check_lengths(state, seqs, state.input_limit, "input")
         vectors = _finish(await _run(state.embed_batcher, seqs, request), dim)
         if body.encoding_format == "base64":
@@ -321,7 +329,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                            param="documents")  # fmt: skip
         if body.top_n is not None and body.top_n < 1:
             raise ApiError(400, "top_n must be at least 1", param="top_n")
-        seqs = await run_in_threadpool(reranker.prepare_pairs, body.query, documents, instruction=body.instruction)
+        seqs = await _tokenize(lambda docs: reranker.prepare_pairs(body.query, docs, instruction=body.instruction),
+                               documents)  # fmt: skip
         _check_lengths(state, seqs, state.rerank_limit, "documents")
         scores = await _run(state.rerank_batcher, seqs, request)
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.top_n or len(scores)]
@@ -352,7 +361,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             options = {"instruction": body.instruction}
         else:
             options = {"instruction": embedder.default_instruction, "prompt": embedder.query_prompt}
-        seqs = await run_in_threadpool(embedder.prepare, [body.query], **options)
+        seqs = await _tokenize(embedder.prepare, [body.query], **options)
         _check_lengths(state, seqs, state.input_limit, "query")
         query = _finish(await _run(state.embed_batcher, seqs, request), index.dim)
         hits = (await run_in_threadpool(index.search_vectors, query, body.top_k))[0]
@@ -361,8 +370,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             from qembed.index.store import rerank_hits
 
             head = hits[: body.rerank_top or len(hits)]
-            pairs = await run_in_threadpool(state.reranker.prepare_pairs, body.query, [h.text for h in head],
-                                            instruction=body.instruction)  # fmt: skip
+            pairs = await _tokenize(lambda docs: state.reranker.prepare_pairs(body.query, docs, instruction=body.instruction),
+                                    [h.text for h in head])  # fmt: skip
             _check_lengths(state, pairs, state.rerank_limit, "query")
             scores = await _run(state.rerank_batcher, pairs, request)
             hits = rerank_hits(state.reranker, body.query, hits, body.rerank_top, body.instruction, scores=scores)
