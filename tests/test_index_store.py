@@ -52,9 +52,9 @@ def test_rebuild_encodes_only_new_and_changed_documents(embedder, tmp_path, one_
     assert len(offsets) == 30 and (tmp_path / "idx" / "docs.jsonl").read_text().count("\n") == 30
 
 
-def test_matryoshka_index_and_fingerprint_refusal(embedder, tmp_path, tiny_embedder_path, capsys, one_torch_thread):
+def test_matryoshka_index_and_fingerprint_refusal(embedder, tmp_path, tiny_embedder_path, minilm_path, capsys,
+                                                  one_torch_thread):  # fmt: skip
     from qembed import Embedder
-    from qembed.testing import build_qwen3_embedding
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", DOCS[:10])
     assert main(["index", "build", "--model", str(tiny_embedder_path), "--corpus", str(corpus), "--output",
@@ -64,11 +64,11 @@ def test_matryoshka_index_and_fingerprint_refusal(embedder, tmp_path, tiny_embed
     query = embedder.encode_queries(["rice"], dim=32)
     docs = embedder.encode_documents([t for _, t in DOCS[:10]], dim=32)
     assert index.search("rice", top_k=1)[0].id == DOCS[int(np.argmax(docs @ query[0]))][0]
-    other = Embedder.from_pretrained(build_qwen3_embedding(tmp_path / "other", seed=5))
+    other = Embedder.from_pretrained(minilm_path)
     with pytest.raises(QembedError, match="was built with"):
         open_search_index(tmp_path / "idx", other)
     capsys.readouterr()
-    assert main(["search", "--index", str(tmp_path / "idx"), "--model", str(tmp_path / "other"), "--query", "x"]) == 2
+    assert main(["search", "--index", str(tmp_path / "idx"), "--model", str(minilm_path), "--query", "x"]) == 2
     err = capsys.readouterr().err
     assert "was built with" in err and len(err.strip().splitlines()) == 1
     assert main(["search", "--index", str(tmp_path), "--query", "x"]) == 2

@@ -37,3 +37,45 @@ def test_batches_keep_order_and_drop_cancelled_inputs():
     assert first == [10] and second == [20] * 5
     assert 3 not in {v for batch in seen for v in batch}  # the cancelled request never reached the model
     assert dropped == 2 and len(seen) >= 3  # the second request needed more than one batch
+
+
+def test_library_app_health_is_503_until_the_model_is_loaded(tiny_embedder_path, one_torch_thread):
+    """`create_app` with a loader: /health and /v1 routes answer 503 (error shape) until it has loaded."""
+    import time
+
+    import httpx
+    import uvicorn
+    from serve_helpers import free_port
+
+    from qembed import Embedder
+    from qembed.serve import ServeConfig, create_app
+
+    release = threading.Event()
+
+    def load():
+        release.wait(timeout=60)
+        return Embedder.from_pretrained(tiny_embedder_path)
+
+    port = free_port()
+    app = create_app(load, config=ServeConfig(served_model_name="tiny"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "model_not_ready"
+        response = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny", "input": "a"})
+        assert response.status_code == 503 and "retry-after" in response.headers
+        release.set()
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        response = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny", "input": "a"})
+        assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 64
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

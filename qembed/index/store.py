@@ -153,8 +153,9 @@ def build_index(
     vectors_tmp.rename(output / "vectors")
     tmp_docs.replace(output / "docs.jsonl")
     (output / ".docs.offsets.tmp.npy").replace(output / "docs.offsets.npy")
+    local = Path(embedder.name_or_path).expanduser()
     manifest = Manifest(
-        model=embedder.name_or_path, fingerprint=embedder.fingerprint, dim=out_dim,
+        model=str(local.resolve()) if local.is_dir() else embedder.name_or_path, fingerprint=embedder.fingerprint, dim=out_dim,
         document_prompt=embedder.document_prompt, count=len(ids), index=index,
         built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         build_seconds=round(time.perf_counter() - start, 3), encoded=stats.encoded,

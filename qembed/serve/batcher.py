@@ -194,7 +194,10 @@ class Batcher:
                 return
             items, batch = live, self.collate([job.seqs[i] for job, i in live])
         try:
+            begin = time.perf_counter()
             outputs = self.forward(batch)
+            if self.metrics is not None:
+                self.metrics.forward.labels(self.name).observe(time.perf_counter() - begin)
         except Exception as exc:
             log.exception("forward pass failed")
             _fail(items, exc)

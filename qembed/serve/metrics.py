@@ -22,6 +22,7 @@ class Metrics:
                                     registry=r)  # fmt: skip
         self.padded_tokens = Histogram("qembed_batch_padded_tokens", "padded tokens (rows x longest) per forward pass",
                                        ["model"], buckets=_TOKENS, registry=r)  # fmt: skip
+        self.forward = Histogram("qembed_forward_seconds", "time of one forward pass", ["model"], registry=r)
         self.tokens = Counter("qembed_tokens", "real tokens processed", ["model"], registry=r)
         self.dropped = Counter("qembed_dropped_inputs", "queued inputs dropped (client gone)", ["model"], registry=r)
         self.in_flight = Gauge("qembed_requests_in_flight", "requests being served", registry=r)
