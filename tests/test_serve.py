@@ -126,7 +126,7 @@ def test_concurrent_mixed_requests_each_equal_encoding_alone(qwen_server, qwen, 
     pool = [json.loads(line)["text"] for line in pool] + TEXTS
     requests = []
     for _ in range(200):
-        texts = [rng.choice(pool) * rng.choice([1, 1, 1, 3]) for _ in range(rng.randint(1, 64))]
+        texts = [rng.choice(pool) * rng.choice([1, 1, 1, 2]) for _ in range(rng.randint(1, 64))]
         body = {"model": str(qwen.name_or_path), "input": texts, "encoding_format": rng.choice(["float", "base64"])}
         if rng.random() < 0.3:
             body["instruction"] = rng.choice(["Find the answer", "Classify the topic"])
@@ -308,4 +308,5 @@ def test_schema_fuzzing_never_gives_5xx(qwen_server):
                     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
             check()
+    session.close()
     assert len(seen) >= 100 and any(s == 200 for s in seen) and any(s == 400 for s in seen)
