@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import numpy as np
+
 from qembed.serve.batcher import Batcher, ModelWorker
 
 
@@ -40,7 +42,8 @@ def test_batches_keep_order_and_drop_cancelled_inputs():
 
 
 def test_library_app_health_is_503_until_the_model_is_loaded(tiny_embedder_path, one_torch_thread):
-    """`create_app` with a loader: /health and /v1 routes answer 503 (error shape) until it has loaded."""
+    """`create_app` with a loader: /health and /v1 routes answer 503 (error shape) until it has loaded;
+    with `auto_truncate=False` an input over `max_input_tokens` is a 400, not silently cut."""
     import time
 
     import httpx
@@ -57,7 +60,7 @@ def test_library_app_health_is_503_until_the_model_is_loaded(tiny_embedder_path,
         return Embedder.from_pretrained(tiny_embedder_path)
 
     port = free_port()
-    app = create_app(load, config=ServeConfig(served_model_name="tiny"))
+    app = create_app(load, config=ServeConfig(served_model_name="tiny", max_input_tokens=8, auto_truncate=False))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -76,6 +79,15 @@ def test_library_app_health_is_503_until_the_model_is_loaded(tiny_embedder_path,
             time.sleep(0.1)
         response = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny", "input": "a"})
         assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 64
+        embedder = Embedder.from_pretrained(tiny_embedder_path)
+        fits, too_long = "one two three four five six", "one two three four five six seven eight"
+        assert len(embedder.prepare([fits])[0]) <= 8 < len(embedder.prepare([too_long])[0])
+        response = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny", "input": [fits, too_long]})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "input_too_long"
+        assert "input[1]" in response.json()["error"]["message"]
+        response = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny", "input": [fits]})
+        assert response.status_code == 200
+        assert abs(np.array(response.json()["data"][0]["embedding"]) - embedder.encode([fits])[0]).max() <= 1e-5
     finally:
         server.should_exit = True
         thread.join(timeout=30)
