@@ -2,6 +2,9 @@
 `search_rows`, `save(path)`, `len()`. Open one with `open_index(spec, dim)`, reopen a saved one with
 `load_index(path)`.
 
+A persistent index folder (vectors + documents + manifest) for `qembed index build` / `qembed search` /
+`qembed serve --index`: `build_index`, `open_search_index`, `search_index` (see `qembed.index.store`).
+
 Specs: `faiss` (exact inner product, the default), `hnsw` or `hnsw:m=32,ef_search=128,ef_construction=200`
 (approximate, FAISS HNSW), `milvus:PATH.db` (Milvus Lite file) or `milvus:http://host:19530` (server).
 """

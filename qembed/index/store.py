@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,6 @@ class BuildResult:
     manifest: Manifest
     encoded: int
     cached: int
-    extra: dict = field(default_factory=dict)
 
 
 def iter_corpus(path: str | Path) -> Iterator[tuple[str, str]]:
