@@ -24,6 +24,8 @@ VERB_MODULES = [
     "qembed.cli.mine",
     "qembed.cli.train",
     "qembed.cli.merge",
+    "qembed.cli.index",
+    "qembed.cli.serve",
 ]
 
 

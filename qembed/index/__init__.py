@@ -2,6 +2,9 @@
 `search_rows`, `save(path)`, `len()`. Open one with `open_index(spec, dim)`, reopen a saved one with
 `load_index(path)`.
 
+A persistent index folder (vectors + documents + manifest) for `qembed index build` / `qembed search` /
+`qembed serve --index`: `build_index`, `open_search_index`, `search_index` (see `qembed.index.store`).
+
 Specs: `faiss` (exact inner product, the default), `hnsw` or `hnsw:m=32,ef_search=128,ef_construction=200`
 (approximate, FAISS HNSW), `milvus:PATH.db` (Milvus Lite file) or `milvus:http://host:19530` (server).
 """
@@ -15,7 +18,10 @@ from qembed.errors import QembedError
 from qembed.index.base import VectorIndex
 from qembed.index.faiss_index import FaissIndex
 
-__all__ = ["FaissIndex", "VectorIndex", "load_index", "open_index", "parse_spec"]
+__all__ = [
+    "FaissIndex", "Hit", "Manifest", "SearchIndex", "VectorIndex", "build_index", "load_index", "open_index",
+    "open_search_index", "parse_spec", "search_index",
+]  # fmt: skip
 
 _HNSW_OPTIONS = {"m": int, "ef_search": int, "ef_construction": int}
 
@@ -89,3 +95,14 @@ def load_index(path: str | Path, **options) -> VectorIndex:
 
         return MilvusIndex.load(path, **options)
     raise QembedError(f"{meta_path}: unknown index backend {backend!r}")
+
+
+# The persistent index folder (`qembed index build` / `qembed search`) builds on the functions above.
+from qembed.index.store import (  # noqa: E402
+    Hit,
+    Manifest,
+    SearchIndex,
+    build_index,
+    open_search_index,
+    search_index,
+)

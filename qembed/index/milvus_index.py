@@ -18,10 +18,39 @@ from qembed.index.base import as_matrix, chunk_ranges, progress
 MAX_TOP_K = 16384  # Milvus limit on `limit` (top-k) and on queries per search request
 MAX_ID_LENGTH = 65535  # Milvus VARCHAR max_length
 INSERT_BYTES = 32 * 2**20  # stay well under the 64 MB gRPC message limit per insert
+CONNECT_TIMEOUT = 60  # seconds (pymilvus' default of 10 is short for a loaded server)
 
 
 def is_lite_uri(uri: str) -> bool:
     return "://" not in uri
+
+
+def connect(uri: str, token: str = ""):
+    """A `MilvusClient` for a Lite file or a server (a busy server gets `CONNECT_TIMEOUT` seconds to answer)."""
+    from pymilvus import MilvusClient
+
+    options = {"token": token} if token else {}
+    if not is_lite_uri(uri):
+        options["timeout"] = CONNECT_TIMEOUT
+    try:
+        return MilvusClient(uri=uri, **options)
+    except Exception as exc:  # connection errors come in several pymilvus/grpc types
+        raise QembedError(f"cannot open Milvus at {uri}: {exc}") from None
+
+
+def collection_exists(uri: str, collection: str, *, token: str = "") -> bool:
+    """Whether `collection` exists at `uri` (a Milvus Lite file that does not exist yet holds none)."""
+
+    if is_lite_uri(uri):
+        path = Path(uri).expanduser().resolve()
+        if not path.exists():
+            return False
+        uri = str(path)
+    client = connect(uri, token)
+    try:
+        return bool(client.has_collection(collection))
+    finally:
+        client.close()
 
 
 class MilvusIndex:
@@ -55,10 +84,7 @@ class MilvusIndex:
             uri = str(path)
         self.uri, self.collection, self.dim = uri, collection, int(dim)
         self._token = token
-        try:
-            self._client = MilvusClient(uri=uri, token=token) if token else MilvusClient(uri=uri)
-        except Exception as exc:  # connection errors come in several pymilvus/grpc types
-            raise QembedError(f"cannot open Milvus at {uri}: {exc}") from None
+        self._client = connect(uri, token)
         exists = self._client.has_collection(collection)
         if exists and overwrite:
             self._client.drop_collection(collection)
@@ -162,6 +188,7 @@ class MilvusIndex:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {"backend": "milvus", "uri": self.uri, "collection": self.collection, "dim": self.dim}
+        # the token is never written: `load_index(path, token=...)` takes it from the caller
         (path / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
 
     @classmethod

@@ -1,0 +1,98 @@
+"""`qembed index build` (a persistent search index folder) and `qembed search` (query it)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from qembed.errors import QembedError
+
+
+def add_parser(subparsers) -> None:
+    index = subparsers.add_parser("index", help="build a persistent search index folder")
+    verbs = index.add_subparsers(dest="index_verb", required=True, metavar="<action>")
+    p = verbs.add_parser("build", help="encode a corpus into an index folder (re-run: only new/changed documents)")
+    p.add_argument("--model", required=True, help="embedding model folder or hub id")
+    p.add_argument("--corpus", required=True, help="BEIR folder, corpus.jsonl, JSONL with 'text', or .txt")
+    p.add_argument("--output", required=True, help="index folder to write (or rebuild)")
+    p.add_argument("--index", default="faiss", help="faiss | hnsw[:m=32,...] | milvus:PATH.db | milvus:http://HOST:PORT")
+    p.add_argument("--dim", type=int, help="Matryoshka dimension (first N components, re-normalised)")
+    p.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass")
+    p.add_argument("--collection", help="Milvus collection name (default: a new unique name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing Milvus collection of that name")
+    add_milvus_token_arg(p)
+    add_model_args(p)
+    p.set_defaults(func=run_build)
+
+    s = subparsers.add_parser("search", help="search an index folder built by `qembed index build`")
+    s.add_argument("--index", required=True, help="index folder")
+    s.add_argument("--query", required=True)
+    s.add_argument("--top-k", type=int, default=10)
+    s.add_argument("--instruction", help="query instruction (default: the model's own)")
+    s.add_argument("--model", help="embedding model (default: the one recorded in the index)")
+    s.add_argument("--reranker", help="re-score the first --rerank-top hits with this reranker")
+    s.add_argument("--rerank-top", type=int, help="hits to rerank (default: --top-k)")
+    s.add_argument("--json", action="store_true", help="print the hits as one JSON object")
+    add_milvus_token_arg(s)
+    add_model_args(s)
+    s.set_defaults(func=run_search)
+
+
+def add_model_args(p) -> None:
+    p.add_argument("--device")
+    p.add_argument("--dtype", help="fp32 | fp16 | bf16")
+
+
+def add_milvus_token_arg(p) -> None:
+    p.add_argument("--milvus-token-env", default="MILVUS_TOKEN", metavar="VAR",
+                   help="environment variable holding the Milvus token (default: MILVUS_TOKEN)")  # fmt: skip
+
+
+def milvus_token(args) -> str:
+    return os.environ.get(args.milvus_token_env, "") if args.milvus_token_env else ""
+
+
+def run_build(args) -> int:
+    from qembed.index.store import build_index
+    from qembed.models.embedder import Embedder
+
+    embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    try:
+        embedder._check_dim(args.dim)
+    except ValueError as exc:
+        raise QembedError(str(exc)) from None
+    result = build_index(embedder, args.corpus, args.output, index=args.index, dim=args.dim,
+                         batch_tokens=args.batch_tokens, collection=args.collection, overwrite=args.overwrite,
+                         token=milvus_token(args))  # fmt: skip
+    m = result.manifest
+    where = f" (Milvus collection {m.collection})" if m.collection else ""
+    print(f"indexed {m.count} documents into {args.output}{where}: {result.encoded} encoded, "
+          f"{result.cached} from the cache, dim {m.dim}, {m.build_seconds:.1f} s")  # fmt: skip
+    return 0
+
+
+def run_search(args) -> int:
+    from qembed.index.store import Manifest, open_search_index
+    from qembed.models.embedder import Embedder
+
+    if args.top_k < 1:
+        raise QembedError("--top-k must be at least 1")
+    manifest = Manifest.read(args.index)
+    embedder = Embedder.from_pretrained(args.model or manifest.model, device=args.device, dtype=args.dtype)
+    index = open_search_index(args.index, embedder, token=milvus_token(args))
+    reranker = None
+    if args.reranker:
+        from qembed.models.reranker import Reranker
+
+        reranker = Reranker.from_pretrained(args.reranker, device=args.device, dtype=args.dtype)
+    hits = index.search(args.query, args.top_k, instruction=args.instruction, reranker=reranker,
+                        rerank_top=args.rerank_top)  # fmt: skip
+    if args.json:
+        results = [{k: v for k, v in vars(h).items() if v is not None} for h in hits]
+        print(json.dumps({"query": args.query, "results": results}, ensure_ascii=False))
+        return 0
+    for rank, hit in enumerate(hits, start=1):
+        rerank = f"\trerank={hit.rerank_score:.4f}" if hit.rerank_score is not None else ""
+        text = " ".join(hit.text.split())
+        print(f"{rank}\t{hit.score:.4f}{rerank}\t{hit.id}\t{text[:200]}")
+    return 0

@@ -1,0 +1,279 @@
+"""A persistent search index: a folder with the vectors, the documents and a manifest.
+
+Layout of `DIR`:
+- `manifest.json`: model name and fingerprint, dim, document prompt, count, backend spec, build time;
+- `docs.jsonl` (one `{"id", "text"}` line per row, in row order, written as the vectors come) and
+  `docs.offsets.npy` (byte offset of each line), so a hit's text is read without loading all texts;
+- `vectors/`: the vector index (`load_index`); for a Milvus server only its connection facts;
+- `cache/`: the embedding cache, so rebuilding a grown corpus encodes only new or changed documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qembed.errors import QembedError
+from qembed.index import load_index, open_index, parse_spec
+
+MANIFEST = "manifest.json"
+FORMAT = "qembed-index-1"
+
+
+@dataclass
+class Manifest:
+    """What an index folder holds and which model made it."""
+
+    model: str
+    fingerprint: str
+    dim: int
+    document_prompt: str
+    count: int
+    index: str
+    built_at: str
+    build_seconds: float
+    encoded: int = 0  # documents encoded by the last build (the rest came from the cache)
+    collection: str | None = None  # Milvus collection this folder created (and may replace)
+    format: str = FORMAT
+
+    @classmethod
+    def read(cls, directory: str | Path) -> Manifest:
+        path = Path(directory) / MANIFEST
+        if not path.is_file():
+            raise QembedError(f"{directory} is not a qembed index (no {MANIFEST}); build one with `qembed index build`")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != FORMAT:
+            raise QembedError(f"{path}: unknown index format {data.get('format')!r}")
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    text: str
+    rerank_score: float | None = None
+
+
+@dataclass
+class BuildResult:
+    manifest: Manifest
+    encoded: int
+    cached: int
+
+
+def iter_corpus(path: str | Path) -> Iterator[tuple[str, str]]:
+    """(id, text) of every document of a corpus (BEIR folder, corpus.jsonl, JSONL with text, .txt).
+
+    The one place this module reads corpora: the toolkit's corpus reader and id convention.
+    """
+    from qembed.mine import load_corpus
+
+    corpus = load_corpus(path)
+    yield from zip(corpus.ids, corpus.texts)
+
+
+def _ids_and_texts(pairs: Iterator[tuple[str, str]], docs_file, offsets: list[int], ids: list[str]) -> Iterator[str]:
+    """Write each document line as it passes, remember its offset and id, and yield its text."""
+    for doc_id, text in pairs:
+        offsets.append(docs_file.tell())
+        ids.append(doc_id)
+        docs_file.write((json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
+        yield text
+
+
+def build_index(
+    embedder,
+    corpus: str | Path,
+    output: str | Path,
+    *,
+    index: str = "faiss",
+    dim: int | None = None,
+    batch_tokens: int | None = None,
+    collection: str | None = None,
+    overwrite: bool = False,
+    token: str = "",
+    chunk_size: int = 4096,
+    show_progress: bool | None = None,
+) -> BuildResult:
+    """Encode `corpus` with `embedder` (documents: its document prompt) into the index folder `output`.
+
+    Rebuilding an existing folder re-encodes only new or changed documents (the folder's embedding cache).
+    For Milvus, the collection is `collection` or a fresh unique name; an existing collection that this
+    folder did not create is never dropped unless `overwrite=True`.
+    """
+    from qembed.eval.cache import CacheStats, iter_encode_with_cache
+
+    start = time.perf_counter()
+    output = Path(output)
+    previous = Manifest.read(output) if (output / MANIFEST).is_file() else None
+    if output.exists() and previous is None and any(output.iterdir()):
+        raise QembedError(f"{output} exists and is not a qembed index: choose an empty or new folder")
+    backend, arg = parse_spec(index)
+    out_dim = embedder._check_dim(dim) if dim is not None else embedder.hidden_size
+    options: dict = {}
+    if backend == "milvus":
+        collection = _milvus_collection(arg, collection, previous, output, overwrite, token)
+        options = {"collection": collection, "overwrite": True, "token": token}
+    output.mkdir(parents=True, exist_ok=True)
+    tmp_docs = output / ".docs.jsonl.tmp"
+    vectors_tmp = output / ".vectors.tmp"
+    shutil.rmtree(vectors_tmp, ignore_errors=True)
+    vector_index = None
+    stats = CacheStats()
+    offsets: list[int] = []
+    ids: list[str] = []
+    encode_options = {"batch_tokens": batch_tokens} if batch_tokens else {}
+    with tmp_docs.open("wb") as docs_file:
+        texts = _ids_and_texts(iter_corpus(corpus), docs_file, offsets, ids)
+        stream = iter_encode_with_cache(
+            _Encoder(embedder, encode_options), texts, prompt=embedder.document_prompt, dim=dim,
+            cache_dir=output / "cache", chunk_size=chunk_size, show_progress=show_progress, stats=stats,
+            desc="index",
+        )  # fmt: skip
+        for begin, vectors in stream:
+            if vector_index is None:
+                vector_index = open_index(index, out_dim, **options)
+            vector_index.add(ids[begin : begin + len(vectors)], vectors)
+    if vector_index is None:
+        raise QembedError(f"{corpus}: the corpus is empty")
+    vector_index.save(vectors_tmp)
+    np.save(output / ".docs.offsets.tmp.npy", np.asarray(offsets, dtype=np.int64))
+    # Swap the new files in (each rename is atomic; the manifest comes last).
+    shutil.rmtree(output / "vectors", ignore_errors=True)
+    vectors_tmp.rename(output / "vectors")
+    tmp_docs.replace(output / "docs.jsonl")
+    (output / ".docs.offsets.tmp.npy").replace(output / "docs.offsets.npy")
+    local = Path(embedder.name_or_path).expanduser()
+    manifest = Manifest(
+        model=str(local.resolve()) if local.is_dir() else embedder.name_or_path, fingerprint=embedder.fingerprint, dim=out_dim,
+        document_prompt=embedder.document_prompt, count=len(ids), index=index,
+        built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        build_seconds=round(time.perf_counter() - start, 3), encoded=stats.encoded,
+        collection=collection if backend == "milvus" else None,
+    )  # fmt: skip
+    tmp = output / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(asdict(manifest), indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(output / MANIFEST)
+    return BuildResult(manifest, encoded=stats.encoded, cached=stats.hits)
+
+
+class _Encoder:
+    """The embedder with fixed extra `encode` options (e.g. batch_tokens) for the cache's encode calls."""
+
+    def __init__(self, embedder, options: dict) -> None:
+        self._embedder, self._options = embedder, options
+        self.fingerprint = embedder.fingerprint
+
+    def encode(self, texts, **kwargs):
+        return self._embedder.encode(texts, **{**self._options, **kwargs})
+
+
+def _milvus_collection(uri: str, name: str | None, previous: Manifest | None, output: Path, overwrite: bool,
+                       token: str) -> str:  # fmt: skip
+    """The collection to (re)create: never one that exists and that this folder did not create."""
+    from qembed.index.milvus_index import collection_exists
+
+    if name is None:
+        if previous is not None and previous.collection:
+            return previous.collection  # this folder's own collection: rebuilt in place
+        seed = f"{output.resolve()}:{time.time_ns()}:{os.getpid()}"
+        return "qembed_" + hashlib.sha1(seed.encode()).hexdigest()[:16]
+    owned = previous is not None and previous.collection == name
+    if not owned and not overwrite and collection_exists(uri, name, token=token):
+        raise QembedError(
+            f"Milvus collection {name!r} already exists and was not created by {output}: "
+            "pick another --collection or pass --overwrite to replace it"
+        )
+    return name
+
+
+class SearchIndex:
+    """An index folder opened for searching with the model that built it."""
+
+    def __init__(self, directory: str | Path, embedder, *, token: str = "") -> None:
+        self.directory = Path(directory)
+        self.manifest = Manifest.read(self.directory)
+        if embedder.fingerprint != self.manifest.fingerprint:
+            raise QembedError(
+                f"{self.directory} was built with model {self.manifest.model!r} (fingerprint "
+                f"{self.manifest.fingerprint}), not with {embedder.name_or_path!r} ({embedder.fingerprint}): "
+                "search it with the same model or rebuild it"
+            )
+        self.embedder = embedder
+        self.vectors = load_index(self.directory / "vectors", **({"token": token} if token else {}))
+        self._offsets = np.load(self.directory / "docs.offsets.npy")
+        if len(self._offsets) != len(self.vectors):
+            raise QembedError(f"{self.directory}: {len(self.vectors)} vectors but {len(self._offsets)} documents")
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    def document(self, row: int) -> tuple[str, str]:
+        """(id, text) of a row, read from `docs.jsonl` at its offset."""
+        with (self.directory / "docs.jsonl").open("rb") as f:
+            f.seek(int(self._offsets[row]))
+            record = json.loads(f.readline())
+        return record["id"], record["text"]
+
+    def search_vectors(self, queries: np.ndarray, top_k: int = 10) -> list[list[Hit]]:
+        """Hits (best first) for each query vector."""
+        rows, scores = self.vectors.search_rows(queries, top_k)
+        hits = []
+        for row_list, score_list in zip(rows.tolist(), scores.tolist()):
+            found = []
+            for row, score in zip(row_list, score_list):
+                if row >= 0:
+                    doc_id, text = self.document(row)
+                    found.append(Hit(doc_id, float(score), text))
+            hits.append(found)
+        return hits
+
+    def encode_queries(self, queries: list[str], instruction: str | None = None) -> np.ndarray:
+        """Query vectors as the index expects them: the model's default instruction unless one is given."""
+        dim = self.dim if self.dim != self.embedder.hidden_size else None
+        if instruction is not None:
+            return self.embedder.encode_queries(queries, instruction=instruction, dim=dim)
+        return self.embedder.encode_queries(queries, dim=dim)
+
+    def search(self, query: str, top_k: int = 10, *, instruction: str | None = None, reranker=None,
+               rerank_top: int | None = None) -> list[Hit]:  # fmt: skip
+        """Hits for one query; with `reranker`, the first `rerank_top` (default top_k) are re-scored and re-sorted."""
+        hits = self.search_vectors(self.encode_queries([query], instruction), top_k)[0]
+        if reranker is not None:
+            hits = rerank_hits(reranker, query, hits, rerank_top, instruction)
+        return hits
+
+
+def rerank_hits(reranker, query: str, hits: list[Hit], rerank_top: int | None, instruction: str | None,
+                scores: list[float] | None = None) -> list[Hit]:  # fmt: skip
+    """Re-score the first `rerank_top` hits with `reranker` (or the given `scores`), best first; the rest follow."""
+    head = hits[: rerank_top or len(hits)]
+    if scores is None:
+        scores = reranker.score(query, [h.text for h in head], instruction=instruction)
+    for hit, score in zip(head, scores):
+        hit.rerank_score = float(score)
+    head = sorted(head, key=lambda h: -h.rerank_score)
+    return head + hits[len(head) :]
+
+
+def open_search_index(directory: str | Path, embedder, *, token: str = "") -> SearchIndex:
+    """Open an index folder for searching; refuses an embedder other than the one that built it."""
+    return SearchIndex(directory, embedder, token=token)
+
+
+def search_index(directory: str | Path, embedder, query: str, top_k: int = 10, **kwargs) -> list[Hit]:
+    """One-shot search of an index folder (see `SearchIndex.search`)."""
+    return open_search_index(directory, embedder, token=kwargs.pop("token", "")).search(query, top_k, **kwargs)
