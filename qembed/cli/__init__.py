@@ -22,6 +22,7 @@ VERB_MODULES = [
     "qembed.cli.mine",
     "qembed.cli.train",
     "qembed.cli.merge",
+    "qembed.cli.adapt",
 ]
 
 
