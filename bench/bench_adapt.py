@@ -44,7 +44,9 @@ def main() -> None:
     summary = json.loads((Path(args.output) / "summary.json").read_text())
     choice = summary["recommendation"]
     print(f"wall time {wall / 60:.1f} min; CPU time {(usage.ru_utime + usage.ru_stime) / 60:.1f} min "
-          f"({args.threads} thread(s)); per stage (s): {summary['seconds']}")  # fmt: skip
+          f"({args.threads} thread(s)); load average at the end {os.getloadavg()}")  # fmt: skip
+    for stage, s in summary["seconds"].items():
+        print(f"  {stage:<10} wall {s['seconds']:8.1f} s   CPU {s['cpu_seconds']:8.1f} s")
     print(f"recommended: {choice['variant']}; test recall@5 {100 * choice['test']['recall@5']:.2f}, "
           f"nDCG@10 {100 * choice['test']['ndcg@10']:.2f}")  # fmt: skip
     report = (Path(args.output) / "report.md").read_text()

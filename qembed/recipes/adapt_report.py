@@ -112,7 +112,9 @@ def write_report(cfg: dict, out: Path, seconds: dict[str, float]) -> dict:
     best_dir = out / "best"
     if best_dir.exists():
         shutil.rmtree(best_dir)
-    shutil.copytree(choice["model"], best_dir, ignore=shutil.ignore_patterns("checkpoints", "train_log.jsonl"))
+    from qembed.models.loading import resolve_model_dir
+
+    shutil.copytree(resolve_model_dir(choice["model"]), best_dir, ignore=shutil.ignore_patterns("checkpoints", "train_log.jsonl"))
     test = [r for r in results if r["set"] == "test"]
     plot_recall([{**r, "model": r["variant"], "dim": None} for r in test], out / "recall_at_k.png")
     has_training = plot_training(out / "train" / "model" / "train_log.jsonl", metric, out / "training.png")
@@ -170,9 +172,11 @@ def write_report(cfg: dict, out: Path, seconds: dict[str, float]) -> dict:
     lines += [f"| {c['t']} | {'none' if c['instruction'] is None else 'default'} | {100 * c['metrics'][metric]:.2f} |"
               for c in merge["curve"]]  # fmt: skip
     lines += ["", f"Chosen: t = {merge['best_t']}.", "", "![merge t](merge_t.png)", "", "## Time per stage", "",
-              "| stage | seconds |", "|---|---:|"]  # fmt: skip
-    lines += [f"| {name} | {s:.1f} |" for name, s in seconds.items()]
-    lines.append(f"| total | {sum(seconds.values()):.1f} |")
+              "| stage | wall (s) | CPU (s) |", "|---|---:|---:|"]  # fmt: skip
+    lines += [f"| {name} | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} |" for name, s in seconds.items()]
+    lines.append(f"| total | {sum(s['seconds'] for s in seconds.values()):.1f} | "
+                 f"{sum(s['cpu_seconds'] for s in seconds.values()):.1f} |")
+    lines += ["", "CPU time is the process's, all threads together; wall time also counts waiting for a busy CPU."]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     summary = {"model": cfg["model"], "data": data, "negatives": {k: mining.get(k) for k in ("queries", "negatives")},

@@ -120,10 +120,11 @@ class Pipeline:
             if action in ("run", "rerun") and folder.exists():
                 shutil.rmtree(folder)
             folder.mkdir(parents=True, exist_ok=True)
-            previous = self.state.get(name, {}).get("seconds", 0.0) if action == "resume" else 0.0
-            self._save(name, "started", stage.config, previous)
+            old = self.state.get(name, {}) if action == "resume" else {}
+            previous = (old.get("seconds", 0.0), old.get("cpu_seconds", 0.0))
+            self._save(name, "started", stage.config, *previous)
             log(f"== {name} ==")
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             try:
                 stage.run(folder)
             except QembedError as exc:
@@ -131,14 +132,17 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - one line naming the stage; `qembed -v` shows the traceback
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise QembedError(f"stage {name} failed: {type(exc).__name__}: {first}") from exc
-            self._save(name, "done", stage.config, previous + time.perf_counter() - began)
+            self._save(name, "done", stage.config, previous[0] + time.perf_counter() - began,
+                       previous[1] + time.process_time() - cpu)
 
-    def seconds(self) -> dict[str, float]:
-        return {name: round(s.get("seconds", 0.0), 1) for name, s in self.state.items()}
+    def seconds(self) -> dict[str, dict[str, float]]:
+        """Per stage: wall-clock `seconds` and `cpu_seconds` (this process, all threads) of its runs so far."""
+        return {name: {"seconds": round(s.get("seconds", 0.0), 1), "cpu_seconds": round(s.get("cpu_seconds", 0.0), 1)}
+                for name, s in self.state.items()}  # fmt: skip
 
-    def _save(self, name: str, status: str, config: dict, seconds: float) -> None:
+    def _save(self, name: str, status: str, config: dict, seconds: float, cpu_seconds: float = 0.0) -> None:
         self.state[name] = {"fingerprint": self.fingerprints[name], "status": status, "config": config,
-                            "seconds": seconds}  # fmt: skip
+                            "seconds": seconds, "cpu_seconds": cpu_seconds}  # fmt: skip
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state, indent=2, default=str))
         os.replace(tmp, self.state_path)
