@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
 
 
 def overrides(args) -> dict:
-    from qembed.recipes.adapt_config import set_dotted
+    from qembed.recipes.adapt_config import load_yaml, set_dotted
 
     update: dict = {}
     for flag, key in FLAGS.items():
@@ -63,7 +63,7 @@ def overrides(args) -> dict:
         if not sep or not key:
             raise QembedError(f"--set expects KEY=VALUE, got {item!r}")
         try:
-            set_dotted(update, key.strip(), yaml.safe_load(text))
+            set_dotted(update, key.strip(), load_yaml(text))
         except yaml.YAMLError:
             raise QembedError(f"--set {key}: cannot parse {text!r}") from None
     return update

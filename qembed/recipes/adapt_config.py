@@ -4,6 +4,7 @@ validation and the commented `--print-config` output."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,22 @@ SPEC: dict[str, Any] = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 numbers: `3e-5` is a float (PyYAML's YAML 1.1 rules read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    """Parse YAML text with YAML 1.2 number rules."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def defaults(spec: dict = SPEC) -> dict:
     return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v[0]) for k, v in spec.items()}
 
@@ -136,7 +153,7 @@ def resolve(config_file: str | None, overrides: dict) -> dict:
         if not path.is_file():
             raise QembedError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = load_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise QembedError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
