@@ -176,8 +176,15 @@ def _llm_reply(body: dict, attempt: int):
     return default_reply(body, attempt)
 
 
-def test_documents_and_llm_path_with_reranker(shared_dir, minilm_path, tiny_reranker_path, tmp_path):
+def test_documents_and_llm_path_with_reranker(shared_dir, minilm_path, tiny_embedder_path, tiny_reranker_path, tmp_path):
     from llm_server import ScriptedLLMServer
+
+    from qembed.data.beir import write_beir
+
+    retention = tmp_path / "retention"  # a small general-domain set
+    docs = {f"r{i}": {"title": "", "text": t} for i, t in enumerate(["The cat sat on the mat.", "Stocks fell today.",
+                                                                      "Rain is expected tomorrow.", "Python is a language."])}
+    write_beir(retention, docs, {"a": "weather forecast", "b": "programming"}, {"test": {"a": {"r2": 1}, "b": {"r3": 1}}})
 
     rows = json.loads((shared_dir / "data" / "agri-zh" / "corn_dqa_zh.json").read_text(encoding="utf-8"))[:60]
     corpus = tmp_path / "docs.jsonl"
@@ -189,6 +196,7 @@ def test_documents_and_llm_path_with_reranker(shared_dir, minilm_path, tiny_rera
     with ScriptedLLMServer(reply=_llm_reply) as server:
         proc = adapt("--model", str(minilm_path), "--output", str(out), "--corpus", str(corpus),
                      "--llm-base-url", server.base_url, "--llm-model", "scripted", "--reranker", str(tiny_reranker_path),
+                     "--compare-model", str(tiny_embedder_path), "--retention-dataset", str(retention),
                      "--set", "synth.languages=[zh]", "--set", f"synth.personas={personas}",
                      "--set", "synth.filter_threshold=0.2", "--set", "train.batch_size=8", "--set", "train.max_length=64",
                      "--set", "train.evaluations=0", "--set", "merge.t=[1.0]", "--set", "reranker.max_length=96",
@@ -200,6 +208,11 @@ def test_documents_and_llm_path_with_reranker(shared_dir, minilm_path, tiny_rera
     assert summary["data"]["source"] == "llm" and summary["data"]["filter_kept"] > 40
     variants = {r["variant"] for r in summary["results"]}
     assert {"base", "fine-tuned", "merged + base reranker", "merged + fine-tuned reranker"} <= variants
+    sets = {(r["variant"], r["set"]) for r in summary["results"]}
+    assert all((v, s) in sets for v in variants for s in ("dev", "test", "retention"))
+    assert {b["model"] for b in summary["baselines"]} == {str(minilm_path), str(tiny_embedder_path)}
+    report = (out / "report.md").read_text()
+    assert "## Retention: retention (test)" in report and "## Baselines (test)" in report
     queries = [json.loads(line) for line in (out / "data" / "beir" / "queries.jsonl").read_text().splitlines()]
     assert all(q["text"] in corpus.read_text(encoding="utf-8") for q in queries)  # the LLM's queries
 
