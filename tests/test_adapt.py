@@ -224,7 +224,7 @@ def _closed_port() -> int:
 
 
 @pytest.mark.parametrize("case", ["no source", "two sources", "missing field flag", "field not in file",
-                                  "unreachable LLM", "no test qrels", "unknown key"])  # fmt: skip
+                                  "unreachable LLM", "no test qrels", "unknown key", "wrong type"])  # fmt: skip
 def test_bad_input_is_one_line_before_any_work(case, slice_args, minilm_path, tmp_path, capsys):
     qa = slice_args[slice_args.index("--qa") + 1]
     beir = tmp_path / "beir"
@@ -244,6 +244,7 @@ def test_bad_input_is_one_line_before_any_work(case, slice_args, minilm_path, tm
                              "--llm-model", "m"], "LLM server unreachable"),
         "no test qrels": (["--dataset", str(beir)], "qrels/test.tsv not found"),
         "unknown key": (["--qa", qa, "--set", "train.learning_rate=1"], "unknown configuration key 'train.learning_rate'"),
+        "wrong type": (["--qa", qa, "--set", "train.lr=fast"], "'train.lr' must be a number, got 'fast'"),
     }[case]  # fmt: skip
     assert main(base + args) == 2
     err = capsys.readouterr().err.strip()

@@ -134,8 +134,21 @@ def merge_into(base: dict, update: dict, spec: dict = SPEC, where: str = "") -> 
                 raise QembedError(f"configuration key {name!r} must be a section (a mapping)")
             merge_into(base[key], value, spec[key], name + ".")
         else:
+            _check_type(name, spec[key][0], value)
             base[key] = value
     return base
+
+
+def _check_type(name: str, default: Any, value: Any) -> None:
+    """A value must have its default's kind (numbers mix; a `None` default takes anything)."""
+    if default is None or value is None:
+        return
+    kinds = [(bool, "true or false"), ((int, float), "a number"), (str, "a text"), (list, "a list")]
+    for kind, words in kinds:
+        if isinstance(default, kind):
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise QembedError(f"configuration key {name!r} must be {words}, got {value!r}")
+            return
 
 
 def set_dotted(update: dict, dotted: str, value: Any) -> None:
