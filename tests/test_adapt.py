@@ -259,3 +259,29 @@ def test_print_config_is_commented_yaml_with_overrides(slice_args, capsys):
     cfg = yaml.safe_load(text)
     assert cfg["model"] == slice_args[slice_args.index("--model") + 1] and cfg["merge"]["t"] == [0.5, 1.0]
     assert cfg["data"]["question_field"] == "instruction" and cfg["train"]["epochs"] == 1
+
+
+def test_existing_beir_dataset_with_lora(shared_dir, tiny_embedder_path, tmp_path):
+    """`--dataset`: its test qrels are kept, dev comes from train, train never shares a positive with test;
+    LoRA training (merged into the exported model) goes through merge and the report."""
+    from qembed.data.qa_to_beir import qa_to_beir
+
+    beir = tmp_path / "beir"
+    rows = json.loads((shared_dir / "data" / "agri-zh" / "corn_dqa_zh.json").read_text(encoding="utf-8"))[:100]
+    (tmp_path / "qa.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    qa_to_beir(tmp_path / "qa.json", beir, question_field="instruction", answer_field="output", test_fraction=0.2)
+    out = tmp_path / "run"
+    adapt("--model", str(tiny_embedder_path), "--output", str(out), "--dataset", str(beir), "--set", "train.lora=true",
+          "--set", "train.batch_size=8", "--set", "train.max_length=64", "--set", "train.evaluations=0",
+          "--set", "merge.t=[0.5,1.0]")  # fmt: skip
+    from qembed.data.beir import read_qrels
+
+    given = read_qrels(beir / "qrels" / "test.tsv")
+    splits = {name: read_qrels(out / "data" / "beir" / "qrels" / f"{name}.tsv") for name in ("train", "dev", "test")}
+    assert splits["test"] == given
+    assert splits["dev"] and not set(splits["dev"]) & set(splits["train"])
+    test_pos = {d for judged in given.values() for d in judged}
+    assert not test_pos & {d for judged in splits["train"].values() for d in judged}
+    assert json.loads((out / "train" / "model" / "train_config.json").read_text())["lora"] is True
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["source"] == "dataset" and (out / "best" / "model.safetensors").is_file()

@@ -43,9 +43,10 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
         summary: dict = {"source": source_of(cfg)}
         if summary["source"] == "dataset":
             src = Path(data["dataset"])
-            qrels = carve_dev(read_qrels(src / "qrels" / "train.tsv"), read_qrels(src / "qrels" / "test.tsv"), sizes,
-                              seed=cfg["seed"])  # fmt: skip
             corpus, queries = read_corpus(src / "corpus.jsonl"), read_queries(src / "queries.jsonl")
+            train, test = ({q: j for q, j in read_qrels(src / "qrels" / f"{name}.tsv").items() if q in queries}
+                           for name in ("train", "test"))  # fmt: skip
+            qrels = carve_dev(train, test, sizes, seed=cfg["seed"])
         else:
             corpus, queries, judged = (_qa_source if summary["source"] == "qa" else _llm_source)(cfg, folder, summary)
             qrels = split_queries(judged, sizes, seed=cfg["seed"])
