@@ -26,6 +26,7 @@ VERB_MODULES = [
     "qembed.cli.merge",
     "qembed.cli.index",
     "qembed.cli.serve",
+    "qembed.cli.adapt",
 ]
 
 

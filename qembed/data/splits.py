@@ -1,0 +1,110 @@
+"""Splitting judged queries into train / dev / test without leakage.
+
+Queries that share a relevant document form one group (connected components of the query–document
+graph), and a group is never divided: a test query's positive document is then never a training
+positive, and two splits never share a query. Groups are shuffled with a seeded RNG and dealt to test,
+then dev, until each reaches its target size; the rest is train.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from qembed.errors import QembedError
+
+Qrels = dict[str, dict[str, int]]
+
+
+@dataclass(frozen=True)
+class SplitSizes:
+    """Fractions of all queries, each capped at a number of queries (None: no cap)."""
+
+    dev_fraction: float = 0.1
+    test_fraction: float = 0.2
+    max_dev: int | None = 500
+    max_test: int | None = 1000
+
+    def targets(self, n: int) -> tuple[int, int]:
+        if not (0 <= self.dev_fraction < 1 and 0 < self.test_fraction < 1 and self.dev_fraction + self.test_fraction < 1):
+            raise QembedError(
+                f"split fractions must satisfy 0 <= dev, 0 < test and dev + test < 1 "
+                f"(got dev {self.dev_fraction}, test {self.test_fraction})"
+            )
+        test = round(self.test_fraction * n)
+        dev = round(self.dev_fraction * n)
+        test = min(test, self.max_test) if self.max_test is not None else test
+        dev = min(dev, self.max_dev) if self.max_dev is not None else dev
+        return dev, test
+
+
+def query_groups(qrels: Qrels) -> list[list[str]]:
+    """Queries connected through shared positive documents (grade > 0), each group sorted, groups in order
+    of their first query id (deterministic)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    owner: dict[str, str] = {}  # doc id -> a query judged relevant to it
+    for qid in sorted(qrels):
+        find(qid)
+        for doc_id, grade in qrels[qid].items():
+            if grade > 0:
+                if doc_id in owner:
+                    parent[find(qid)] = find(owner[doc_id])
+                else:
+                    owner[doc_id] = qid
+    groups: dict[str, list[str]] = {}
+    for qid in sorted(qrels):
+        groups.setdefault(find(qid), []).append(qid)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def split_queries(qrels: Qrels, sizes: SplitSizes = SplitSizes(), *, seed: int = 0) -> dict[str, Qrels]:
+    """`{"train", "dev", "test"}` qrels: disjoint, groups of queries sharing a positive kept together,
+    the same for the same seed. Sizes are met as closely as whole groups allow (never exceeded by more
+    than one group)."""
+    groups = query_groups(qrels)
+    dev_target, test_target = sizes.targets(len(qrels))
+    random.Random(seed).shuffle(groups)
+    splits: dict[str, Qrels] = {"train": {}, "dev": {}, "test": {}}
+    for group in groups:
+        if len(splits["test"]) < test_target:
+            name = "test"
+        elif len(splits["dev"]) < dev_target:
+            name = "dev"
+        else:
+            name = "train"
+        for qid in group:
+            splits[name][qid] = qrels[qid]
+    for name in ("train", "test"):
+        if not splits[name]:
+            raise QembedError(f"no {name} queries: {len(qrels)} queries are too few for the split")
+    return splits
+
+
+def carve_dev(train: Qrels, test: Qrels, sizes: SplitSizes = SplitSizes(), *, seed: int = 0) -> dict[str, Qrels]:
+    """For a dataset with given train and test qrels: drop train queries that are also test queries or share
+    a positive with one, then take dev from the rest (whole groups). Returns train / dev / test."""
+    test_pos = {d for judged in test.values() for d, g in judged.items() if g > 0}
+    kept = {q: j for q, j in train.items() if q not in test and not test_pos & {d for d, g in j.items() if g > 0}}
+    if not kept:
+        raise QembedError("no train query is left once those sharing a positive with a test query are removed")
+    n = len(kept)
+    dev_target = round(sizes.dev_fraction * n)
+    dev_target = min(dev_target, sizes.max_dev) if sizes.max_dev is not None else dev_target
+    groups = query_groups(kept)
+    random.Random(seed).shuffle(groups)
+    dev: Qrels = {}
+    rest: Qrels = {}
+    for group in groups:
+        target = dev if len(dev) < dev_target else rest
+        for qid in group:
+            target[qid] = kept[qid]
+    if not rest:
+        raise QembedError(f"no train queries left after taking {len(dev)} dev queries")
+    return {"train": rest, "dev": dev, "test": test}
