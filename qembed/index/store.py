@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qembed.data.corpus import iter_corpus
 from qembed.errors import QembedError
 from qembed.index import load_index, open_index, parse_spec
 
@@ -70,17 +71,6 @@ class BuildResult:
     cached: int
 
 
-def iter_corpus(path: str | Path) -> Iterator[tuple[str, str]]:
-    """(id, text) of every document of a corpus (BEIR folder, corpus.jsonl, JSONL with text, .txt).
-
-    The one place this module reads corpora: the toolkit's corpus reader and id convention.
-    """
-    from qembed.mine import load_corpus
-
-    corpus = load_corpus(path)
-    yield from zip(corpus.ids, corpus.texts)
-
-
 def _ids_and_texts(pairs: Iterator[tuple[str, str]], docs_file, offsets: list[int], ids: list[str]) -> Iterator[str]:
     """Write each document line as it passes, remember its offset and id, and yield its text."""
     for doc_id, text in pairs:
@@ -110,7 +100,7 @@ def build_index(
     For Milvus, the collection is `collection` or a fresh unique name; an existing collection that this
     folder did not create is never dropped unless `overwrite=True`.
     """
-    from qembed.eval.cache import CacheStats, iter_encode_with_cache
+    from qembed.eval.cache import CachedEncoder
 
     start = time.perf_counter()
     output = Path(output)
@@ -128,23 +118,22 @@ def build_index(
     vectors_tmp = output / ".vectors.tmp"
     shutil.rmtree(vectors_tmp, ignore_errors=True)
     vector_index = None
-    stats = CacheStats()
+    encoder = CachedEncoder(embedder, prompt=embedder.document_prompt, dim=dim, cache_dir=output / "cache",
+                            batch_tokens=batch_tokens)  # fmt: skip
+    stats = encoder.stats
     offsets: list[int] = []
     ids: list[str] = []
-    encode_options = {"batch_tokens": batch_tokens} if batch_tokens else {}
     with tmp_docs.open("wb") as docs_file:
         texts = _ids_and_texts(iter_corpus(corpus), docs_file, offsets, ids)
-        stream = iter_encode_with_cache(
-            _Encoder(embedder, encode_options), texts, prompt=embedder.document_prompt, dim=dim,
-            cache_dir=output / "cache", chunk_size=chunk_size, show_progress=show_progress, stats=stats,
-            desc="index",
-        )  # fmt: skip
-        for begin, vectors in stream:
+        for begin, vectors in encoder.iter_chunks(texts, chunk_size=chunk_size, show_progress=show_progress,
+                                                  desc="index"):  # fmt: skip
             if vector_index is None:
                 vector_index = open_index(index, out_dim, **options)
             vector_index.add(ids[begin : begin + len(vectors)], vectors)
     if vector_index is None:
         raise QembedError(f"{corpus}: the corpus is empty")
+    if len(set(ids)) < len(ids):
+        raise QembedError(f"{corpus}: document ids are not unique")
     vector_index.save(vectors_tmp)
     np.save(output / ".docs.offsets.tmp.npy", np.asarray(offsets, dtype=np.int64))
     # Swap the new files in (each rename is atomic; the manifest comes last).
@@ -164,17 +153,6 @@ def build_index(
     tmp.write_text(json.dumps(asdict(manifest), indent=1, ensure_ascii=False), encoding="utf-8")
     tmp.replace(output / MANIFEST)
     return BuildResult(manifest, encoded=stats.encoded, cached=stats.hits)
-
-
-class _Encoder:
-    """The embedder with fixed extra `encode` options (e.g. batch_tokens) for the cache's encode calls."""
-
-    def __init__(self, embedder, options: dict) -> None:
-        self._embedder, self._options = embedder, options
-        self.fingerprint = embedder.fingerprint
-
-    def encode(self, texts, **kwargs):
-        return self._embedder.encode(texts, **{**self._options, **kwargs})
 
 
 def _milvus_collection(uri: str, name: str | None, previous: Manifest | None, output: Path, overwrite: bool,
