@@ -31,7 +31,9 @@ def milvus_uri(tmp_path_factory):
     deadline = time.monotonic() + 120
     while True:
         try:
-            MilvusClient(uri=uri, timeout=5).list_collections()
+            probe = MilvusClient(uri=uri, timeout=5, dedicated=True)
+            probe.list_collections()
+            probe.close()
             break
         except Exception:
             if time.monotonic() > deadline or process.poll() is not None:
@@ -55,8 +57,10 @@ def test_milvus_server_index_ownership_and_serving(milvus_uri, corpus, tiny_embe
                                                    monkeypatch, one_torch_thread):  # fmt: skip
     from pymilvus import DataType, MilvusClient
 
+    from qembed.index.milvus_index import connect
+
     monkeypatch.setenv("QEMBED_TEST_MILVUS_TOKEN", "root:Milvus")
-    milvus = MilvusClient(uri=milvus_uri, token="root:Milvus")
+    milvus = connect(milvus_uri, token="root:Milvus")
     schema = MilvusClient.create_schema(auto_id=False)
     schema.add_field("pk", DataType.INT64, is_primary=True)
     schema.add_field("v", DataType.FLOAT_VECTOR, dim=4)

@@ -25,13 +25,19 @@ def is_lite_uri(uri: str) -> bool:
     return "://" not in uri
 
 
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
+
+
 def connect(uri: str, token: str = ""):
     """A `MilvusClient` for a Lite file or a server (a busy server gets `CONNECT_TIMEOUT` seconds to answer)."""
     from pymilvus import MilvusClient
 
     options = {"token": token} if token else {}
     if not is_lite_uri(uri):
-        options["timeout"] = CONNECT_TIMEOUT
+        # Our own channel (pymilvus shares one per address by default, so another client's broken channel
+        # would be ours too), pinging at most every 5 minutes: gRPC servers answer pymilvus' 10 s keepalive
+        # on a quiet connection with GOAWAY "too_many_pings", after which every call fails.
+        options.update(timeout=CONNECT_TIMEOUT, dedicated=True, grpc_options=GRPC_OPTIONS)
     try:
         return MilvusClient(uri=uri, **options)
     except Exception as exc:  # connection errors come in several pymilvus/grpc types
