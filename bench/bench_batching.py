@@ -60,7 +60,7 @@ def main() -> None:
     lengths = [len(ids) for ids in ours.prepare(texts)]
     print(f"machine: {machine_line()}")
     print(f"model: all-MiniLM-L6-v2; texts: {len(texts)} {args.corpus} (tokens per text {min(lengths)}..{max(lengths)},"
-          f" mean {np.mean(lengths):.0f}); default budget: {ours.default_batch_tokens}")  # fmt: skip
+          f" mean {np.mean(lengths):.0f}); default budget: {ours.batching.batch_tokens}")  # fmt: skip
 
     runs = {"sentence-transformers": lambda: theirs.encode(texts, batch_size=args.st_batch_size,
                                                            normalize_embeddings=True)}  # fmt: skip
