@@ -294,5 +294,5 @@ def test_batch_budget_defaults_to_the_model_family(embedder, minilm, monkeypatch
     for model in (embedder, minilm):
         model.encode(["a text"])
         model.encode(["a text"], batch_tokens=300)
-    assert budgets == [embedder.default_batch_tokens, 300, minilm.default_batch_tokens, 300]
-    assert minilm.default_batch_tokens < embedder.default_batch_tokens  # small encoder on CPU: small batches
+    assert budgets == [embedder.batching.batch_tokens, 300, minilm.batching.batch_tokens, 300]
+    assert minilm.batching.batch_tokens < embedder.batching.batch_tokens  # small encoder on CPU: small batches

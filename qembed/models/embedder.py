@@ -172,11 +172,6 @@ class Embedder:
         """The batching measured best for this model family on its device (see `default_batching`)."""
         return default_batching(self.pooling == "lasttoken", torch.device(self.device).type)
 
-    @property
-    def default_batch_tokens(self) -> int:
-        """The padded-token budget per batch used when `batch_tokens` is None."""
-        return self.batching.batch_tokens
-
     def prepare(self, texts: Sequence[str], *, instruction: QueryFormat | str | None = None,
                 prompt: str = "") -> list[list[int]]:  # fmt: skip
         """Token ids of fully formatted texts: query format (instruction template, raw prompt or none),
@@ -223,7 +218,7 @@ class Embedder:
 
         `instruction` applies the Qwen3 query template `Instruct: {instruction}\\nQuery:{text}` (or give a
         `QueryFormat`; `prompt` is a raw prefix); `dim` keeps the first `dim` components (Matryoshka) before
-        normalising; batches are cut by a padded-token budget (`None`: the model's `default_batch_tokens`).
+        normalising; batches are cut by a padded-token budget (`None`: the model family's `batching`).
         """
         texts = check_texts(texts)
         out_dim = self._check_dim(dim)

@@ -130,11 +130,6 @@ class Reranker:
         """The batching measured best for this model family on its device (see `default_batching`)."""
         return default_batching(self.kind == "qwen3", torch.device(self.device).type)
 
-    @property
-    def default_batch_tokens(self) -> int:
-        """The padded-token budget per batch used when `batch_tokens` is None."""
-        return self.batching.batch_tokens
-
     def prepare_pairs(self, query: str, documents: Sequence[str], *, instruction: str | None = None) -> list[list[int]]:
         """Token ids for each (query, document) pair, truncated to `max_length`."""
         if not isinstance(query, str):
@@ -195,7 +190,7 @@ class Reranker:
         """Relevance of each `(query, document)` pair, in [0, 1], in input order.
 
         Pairs of many queries form one token-budget stream, so batches fill however few candidates each
-        query has (`batch_tokens=None`: the model's `default_batch_tokens`). Pairs are tokenised a window
+        query has (`batch_tokens=None`: the model family's `batching`). Pairs are tokenised a window
         of `PAIRS_PER_WINDOW` at a time, so memory stays bounded however many there are.
         """
         pairs = _check_pairs(pairs)
