@@ -94,7 +94,8 @@ def test_lists_are_comma_separated_or_repeated_everywhere():
 def test_shared_groups_are_on_every_verb():
     for verb, parser in LEAVES.items():
         flags = parser._option_string_actions
-        assert {"--progress", "--no-progress"} <= set(flags), verb
+        if verb != "serve":  # a server logs requests; it has no long step to report
+            assert {"--progress", "--no-progress"} <= set(flags), verb
         if verb in MODEL_VERBS:
             assert {"--device", "--dtype", "--batch-tokens"} <= set(flags), verb
             assert flags["--batch-tokens"].default is None  # auto: the model's own budget

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from qembed.cli.common import add_device_args, add_model_args, add_output_args, add_progress_args
 from qembed.errors import QembedError
 
 
@@ -12,35 +13,31 @@ def add_parser(subparsers) -> None:
     index = subparsers.add_parser("index", help="build a persistent search index folder")
     verbs = index.add_subparsers(dest="index_verb", required=True, metavar="<action>")
     p = verbs.add_parser("build", help="encode a corpus into an index folder (re-run: only new/changed documents)")
-    p.add_argument("--model", required=True, help="embedding model folder or hub id")
+    add_model_args(p, help="embedding model: local folder or hub id")
     p.add_argument("--corpus", required=True, help="BEIR folder, corpus.jsonl, JSONL with 'text', or .txt")
-    p.add_argument("--output", required=True, help="index folder to write (or rebuild)")
+    add_output_args(p, help="index folder to write (or rebuild: only new or changed documents are encoded)",
+                    metavar="DIR")  # fmt: skip
     p.add_argument("--index", default="faiss", help="faiss | hnsw[:m=32,...] | milvus:PATH.db | milvus:http://HOST:PORT")
-    p.add_argument("--dim", type=int, help="Matryoshka dimension (first N components, re-normalised)")
-    p.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass")
+    p.add_argument("--dim", type=int, help="Matryoshka dimension, first N components re-normalised (default: full)")
     p.add_argument("--collection", help="Milvus collection name (default: a new unique name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Milvus collection of that name")
     add_milvus_token_arg(p)
-    add_model_args(p)
+    add_progress_args(p)
     p.set_defaults(func=run_build)
 
     s = subparsers.add_parser("search", help="search an index folder built by `qembed index build`")
-    s.add_argument("--index", required=True, help="index folder")
-    s.add_argument("--query", required=True)
-    s.add_argument("--top-k", type=int, default=10)
+    s.add_argument("--index", required=True, help="index folder written by `qembed index build`")
+    s.add_argument("--query", required=True, help="the query text")
+    s.add_argument("--top-k", type=int, default=10, help="hits to print")
     s.add_argument("--instruction", help="query instruction (default: the model's own)")
     s.add_argument("--model", help="embedding model (default: the one recorded in the index)")
     s.add_argument("--reranker", help="re-score the first --rerank-top hits with this reranker")
     s.add_argument("--rerank-top", type=int, help="hits to rerank (default: --top-k)")
     s.add_argument("--json", action="store_true", help="print the hits as one JSON object")
     add_milvus_token_arg(s)
-    add_model_args(s)
+    add_device_args(s, what="the models")
+    add_progress_args(s)
     s.set_defaults(func=run_search)
-
-
-def add_model_args(p) -> None:
-    p.add_argument("--device")
-    p.add_argument("--dtype", help="fp32 | fp16 | bf16")
 
 
 def add_milvus_token_arg(p) -> None:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 
+from qembed.cli.common import add_model_args
 from qembed.errors import QembedError
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve embeddings / rerank / search over HTTP (OpenAI-compatible)")
-    p.add_argument("--model", required=True, help="embedding model folder or hub id")
+    add_model_args(p, help="embedding model: local folder or hub id", batch=False)
     p.add_argument("--reranker", help="reranker model (enables /v1/rerank and reranked search)")
     p.add_argument("--index", help="index folder from `qembed index build` (enables /v1/search)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--served-model-name", help="the model name clients use (default: --model as given)")
     p.add_argument("--api-key-env", metavar="VAR", help="require 'Authorization: Bearer <key>', key read from $VAR")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
@@ -25,8 +26,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-batching", action="store_true", help="one request per forward pass (for comparisons)")
     p.add_argument("--milvus-token-env", default="MILVUS_TOKEN", metavar="VAR",
                    help="environment variable holding the Milvus token (default: MILVUS_TOKEN)")  # fmt: skip
-    p.add_argument("--device")
-    p.add_argument("--dtype", help="fp32 | fp16 | bf16")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.set_defaults(func=run)
 

@@ -80,7 +80,7 @@ def add_parser(subparsers) -> None:
     emb.add_argument("--temperature", type=float, default=None,
                      help="InfoNCE temperature (default: 0.01 last-token pooling, 0.05 mean/CLS pooling)")  # fmt: skip
     emb.add_argument("--qq-dd-terms", dest="qq_dd", action=argparse.BooleanOptionalAction, default=D.qq_dd,
-                     help="Qwen3 in-batch query-query and document-document terms (default: on)")  # fmt: skip
+                     help="Qwen3 in-batch query-query and document-document terms")  # fmt: skip
     emb.add_argument("--fn-margin", type=_margin, default=D.fn_margin, metavar="MARGIN",
                      help="false-negative mask: drop candidates above s(q, pos) + MARGIN (>= 0); 'off' disables it")  # fmt: skip
     add_list(emb, "--mrl-dims", item=int, default=None, metavar="DIMS",
