@@ -22,6 +22,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", required=True, help="FILE.npy or FILE.jsonl")
     p.add_argument("--device")
     p.add_argument("--dtype", help="fp32 | fp16 | bf16")
+    p.add_argument("--quantize", choices=["int8"], help="int8 Linear layers on the CPU (faster, approximate)")
     p.set_defaults(func=run)
 
 
@@ -32,7 +33,7 @@ def run(args) -> int:
     if output.suffix not in (".npy", ".jsonl"):
         raise QembedError(f"--output must end in .npy or .jsonl, got {output.name}")
     texts = read_texts(args.input, field=args.field)
-    embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
         embedder._check_dim(args.dim)
     except ValueError as exc:

@@ -27,6 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache-dir", metavar="DIR",
                    help="embedding cache (default: $QEMBED_CACHE or ~/.cache/qembed/embeddings)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 Linear layers on the CPU (faster, approximate)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for metrics.json, report.md, recall_at_k.png")
     p.set_defaults(func=run)
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(
         args.model, args.dataset, split=args.split, instruction=parse_instruction_settings(args), dim=args.dim,
         k=parse_ks(args.k), index=args.index, reranker=args.reranker, rerank_top=args.rerank_top,
-        output=args.output, cache_dir=args.cache_dir, device=args.device,
+        output=args.output, cache_dir=args.cache_dir, device=args.device, quantize=args.quantize,
     )  # fmt: skip
     first = results[0]
     print(f"{first['dataset']} ({first['split']}): {first['num_queries']} queries, {first['num_docs']} documents")

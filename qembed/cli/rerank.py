@@ -17,6 +17,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, help="print only the best K")
     p.add_argument("--device")
     p.add_argument("--dtype", help="fp32 | fp16 | bf16")
+    p.add_argument("--quantize", choices=["int8"], help="int8 Linear layers on the CPU (faster, approximate)")
     p.set_defaults(func=run)
 
 
@@ -24,7 +25,7 @@ def run(args) -> int:
     from qembed.models.reranker import Reranker
 
     documents = read_texts(args.input, field=args.field)
-    reranker = Reranker.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    reranker = Reranker.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     ranked = reranker.rerank(args.query, documents, instruction=args.instruction, top_k=args.top_k)
     for rank, (index, score) in enumerate(ranked, start=1):
         print(json.dumps({"rank": rank, "index": index, "score": round(score, 6), "text": documents[index]},

@@ -51,6 +51,7 @@ def evaluate(
     cache_dir: str | Path | None = None,
     device: str | None = None,
     show_progress: bool | None = None,
+    quantize: str | None = None,
 ) -> list[dict]:
     """Evaluate retrieval of each model on a BEIR dataset; returns one result dict per run.
 
@@ -59,6 +60,7 @@ def evaluate(
     name/path or `Reranker` that reorders each query's top `rerank_top` candidates. `index`: an
     `open_index` spec (`faiss`, `hnsw`, `milvus:PATH.db`, `milvus:http://HOST:PORT`). Metrics are
     fractions in [0, 1] keyed `"<metric>@<k>"` (see `qembed.eval.metrics`; nDCG gain `2^grade - 1`).
+    `quantize="int8"` loads models given by name with int8 Linear layers on the CPU.
     """
     from qembed.models.embedder import Embedder
     from qembed.models.reranker import Reranker
@@ -78,7 +80,7 @@ def evaluate(
 
     rr, rr_name = None, None
     if reranker is not None:
-        rr = reranker if isinstance(reranker, Reranker) else Reranker.from_pretrained(reranker, device=device)
+        rr = reranker if isinstance(reranker, Reranker) else Reranker.from_pretrained(reranker, device=device, quantize=quantize)
         rr_name = str(getattr(rr, "name_or_path", reranker))
     query_ids = dataset.query_ids
     query_texts = [dataset.queries[q] for q in query_ids]
@@ -88,7 +90,7 @@ def evaluate(
     results = []
     for model in models:
         started = time.perf_counter()
-        emb = model if isinstance(model, Embedder) else Embedder.from_pretrained(model, device=device)
+        emb = model if isinstance(model, Embedder) else Embedder.from_pretrained(model, device=device, quantize=quantize)
         name = str(model) if not isinstance(model, Embedder) else emb.name_or_path
         load_s = time.perf_counter() - started
 
@@ -133,6 +135,7 @@ def evaluate(
                 "instruction": query_instruction if query_instruction is not None else (query_prompt or None),
                 "dim": int(query_vectors.shape[1]),
                 "reranker": rr_name,
+                "quantize": emb.quantize,
                 "index": index,
                 "num_queries": len(query_ids),
                 "num_docs": len(doc_ids),

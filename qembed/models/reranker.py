@@ -13,18 +13,38 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from qembed.errors import QembedError
 from qembed.models import prompts
 from qembed.models.batching import pad_batch, token_budget_batches
 from qembed.models.embedder import DEFAULT_BATCH_TOKENS, check_texts
 from qembed.models.loading import load_pretrained, pick_device, pick_dtype, resolve_model_dir
+from qembed.models.quantize import check_quantize, quantize_linear_layers
 
 _AUTO_PROGRESS_FROM = 256  # pairs
+_MIN_SHARED_PREFIX = 8  # tokens: below this, reusing a cache saves less than it costs
+
+
+class _SharedPrefixCache(DynamicCache):
+    """The key/value cache of one shared prefix, read by every row of a batch and never grown: each layer
+    sees the prefix's keys/values followed by the batch's own, and nothing is kept across layers or batches
+    (a growing cache would hold every layer's keys/values of the whole batch at once)."""
+
+    @classmethod
+    def from_cache(cls, cache: DynamicCache) -> _SharedPrefixCache:
+        return cls([(layer.keys, layer.values) for layer in cache.layers])
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        layer, rows = self.layers[layer_idx], key_states.shape[0]
+        return (torch.cat([layer.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
+                torch.cat([layer.values.expand(rows, -1, -1, -1), value_states], dim=-2))  # fmt: skip
 
 
 class Reranker:
     """Scores (query, document) pairs; load with `Reranker.from_pretrained(name_or_path)`."""
+
+    quantize: str | None = None  # "int8" when the body's Linear layers run quantised
 
     def __init__(self, model, tokenizer, *, kind: str, model_dir: Path, name_or_path: str, max_length: int,
                  device: torch.device) -> None:  # fmt: skip
@@ -49,8 +69,9 @@ class Reranker:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, max_length: int = 8192,
-                        trust_remote_code: bool = False) -> Reranker:  # fmt: skip
-        """Load a Qwen3-Reranker-style causal LM or a sequence-classification cross-encoder."""
+                        trust_remote_code: bool = False, quantize: str | None = None) -> Reranker:  # fmt: skip
+        """Load a Qwen3-Reranker-style causal LM or a sequence-classification cross-encoder;
+        `quantize="int8"` runs the body's Linear layers in int8 on the CPU (the yes/no head stays fp32)."""
         from transformers import (
             AutoConfig,
             AutoModelForCausalLM,
@@ -59,7 +80,7 @@ class Reranker:
         )
 
         model_dir = resolve_model_dir(name_or_path)
-        device = pick_device(device)
+        device = pick_device(check_quantize(quantize, device, dtype))
         config = load_pretrained(AutoConfig, model_dir, trust_remote_code=trust_remote_code)
         archs = getattr(config, "architectures", None) or []
         kind = "cross-encoder" if any(a.endswith("ForSequenceClassification") for a in archs) else "qwen3"
@@ -67,8 +88,11 @@ class Reranker:
         tokenizer = load_pretrained(AutoTokenizer, model_dir, trust_remote_code=trust_remote_code)
         model = load_pretrained(auto, model_dir, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code)
         model.to(device).eval()
-        return cls(model, tokenizer, kind=kind, model_dir=model_dir, name_or_path=str(name_or_path),
-                   max_length=max_length, device=device)  # fmt: skip
+        quantize_linear_layers(model.base_model, quantize)
+        reranker = cls(model, tokenizer, kind=kind, model_dir=model_dir, name_or_path=str(name_or_path),
+                       max_length=max_length, device=device)  # fmt: skip
+        reranker.quantize = quantize
+        return reranker
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -115,8 +139,11 @@ class Reranker:
               batch_tokens: int = DEFAULT_BATCH_TOKENS, show_progress: bool | None = None) -> list[float]:  # fmt: skip
         """Relevance of each document to `query`, in [0, 1], in input order."""
         token_ids = self.prepare_pairs(query, documents, instruction=instruction)
-        scores = [0.0] * len(token_ids)
         show = len(token_ids) >= _AUTO_PROGRESS_FROM if show_progress is None else show_progress
+        reused = self._score_shared_prefix(token_ids, batch_tokens=batch_tokens, show_progress=show)
+        if reused is not None:
+            return reused
+        scores = [0.0] * len(token_ids)
         batches = token_budget_batches([len(ids) for ids in token_ids], batch_tokens)
         with torch.inference_mode(), tqdm(total=len(token_ids), disable=not show, desc="rerank", unit="pair") as bar:
             for indices in batches:
@@ -124,6 +151,50 @@ class Reranker:
                 for index, value in zip(indices, probs.tolist()):
                     scores[index] = value
                 bar.update(len(indices))
+        return scores
+
+    def _score_shared_prefix(self, token_ids: Sequence[Sequence[int]], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                             show_progress: bool = False) -> list[float] | None:  # fmt: skip
+        """Scores of pairs that share a token prefix (one query's pairs: system prompt, instruction, query),
+        computing the prefix once and reusing its key/value cache for every pair; exact, same ids and positions.
+
+        None where this does not apply, and the caller takes the plain path: cross-encoders, fewer than two
+        pairs, a shared prefix under `_MIN_SHARED_PREFIX` tokens, or a model whose cache cannot be reused.
+        """
+        if self.kind != "qwen3" or len(token_ids) < 2:
+            return None
+        shared = min(len(ids) for ids in token_ids) - 1  # every pair keeps at least its last token
+        first = token_ids[0]
+        for ids in token_ids[1:]:
+            shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
+        if shared < _MIN_SHARED_PREFIX:
+            return None
+        decoder = self.model.get_decoder()
+        weight = self.model.get_output_embeddings().weight[[self.no_id, self.yes_id]].float()
+        scores = [0.0] * len(token_ids)
+        rests = [ids[shared:] for ids in token_ids]
+        with torch.inference_mode():
+            prefix = torch.tensor([first[:shared]], device=self.device)
+            try:
+                cache = _SharedPrefixCache.from_cache(decoder(input_ids=prefix, use_cache=True).past_key_values)
+            except (AttributeError, TypeError, NotImplementedError):  # no reusable cache: plain path
+                return None
+            batches = token_budget_batches([len(ids) for ids in rests], batch_tokens)
+            with tqdm(total=len(rests), disable=not show_progress, desc="rerank", unit="pair") as bar:
+                for indices in batches:
+                    batch = pad_batch([rests[i] for i in indices], self.pad_id, left=False, device=self.device)
+                    lengths = batch["attention_mask"].sum(dim=1)
+                    rows, width = batch["input_ids"].shape
+                    mask = torch.cat([torch.ones(rows, shared, dtype=torch.long, device=self.device),
+                                      batch["attention_mask"]], dim=1)  # fmt: skip
+                    positions = torch.arange(shared, shared + width, device=self.device).expand(rows, -1)
+                    hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
+                                     past_key_values=cache, use_cache=True).last_hidden_state  # fmt: skip
+                    last = hidden[torch.arange(rows, device=self.device), lengths - 1].float()  # right padding
+                    no_yes = last @ weight.T
+                    for index, value in zip(indices, torch.sigmoid(no_yes[:, 1] - no_yes[:, 0]).tolist()):
+                        scores[index] = value
+                    bar.update(len(indices))
         return scores
 
     def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
