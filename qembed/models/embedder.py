@@ -103,7 +103,7 @@ class Embedder:
         tokenizer = load_pretrained(AutoTokenizer, model_dir, trust_remote_code=trust_remote_code)
         model = load_pretrained(AutoModel, model_dir, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code)
         model.to(device).eval()
-        quantize_linear_layers(model.base_model, quantize)
+        quantize_linear_layers(model.base_model, quantize, getattr(config, "intermediate_size", None))
         embedder = cls(model, tokenizer, info, model_dir=model_dir, name_or_path=str(name_or_path),
                        max_length=max_length, device=device)  # fmt: skip
         if quantize:  # quantised vectors never share a cache entry or an index with fp32 ones

@@ -4,10 +4,13 @@ Chosen by measurement (`bench/bench_embed.py`): on an AVX-512 VNNI CPU it runs t
 architectures faster than ONNX Runtime int8 and OpenVINO through sentence-transformers, and because the model
 stays a transformers module everything else is unchanged: prompts, padding, pooling, Matryoshka, the
 reranker's yes/no logits and its key/value cache. Weights are int8 per output channel, activations are
-quantised per batch on the fly; embeddings, norms and attention stay fp32.
+quantised per batch on the fly (so an int8 vector depends slightly on its batch); embeddings, norms,
+attention and the feed-forward output projections stay fp32.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -30,8 +33,21 @@ def check_quantize(quantize: str | None, device: str | torch.device | None, dtyp
     return device
 
 
-def quantize_linear_layers(module: torch.nn.Module, quantize: str | None) -> None:
-    """Replace, in place, every `nn.Linear` under `module` by its dynamically quantised int8 version."""
+def quantize_linear_layers(module: torch.nn.Module, quantize: str | None, intermediate_size: int | None) -> None:
+    """Replace, in place, the `nn.Linear` layers under `module` by dynamically quantised int8 versions with
+    per-output-channel weight scales, except the feed-forward output projections (input width
+    `intermediate_size`: `down_proj`, BERT's `output.dense`), which stay fp32.
+
+    Measured on all-MiniLM-L6-v2 (NFCorpus texts, min / mean cosine to fp32): every Linear with one weight
+    scale per tensor 0.84 / 0.94; per channel 0.92 / 0.984; per channel with the feed-forward outputs in
+    fp32 0.974 / 0.993 (their inputs, after the activation function, have the widest range).
+    """
     if quantize is None:
         return
-    torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    spec = {name: per_channel_dynamic_qconfig for name, layer in module.named_modules()
+            if isinstance(layer, torch.nn.Linear) and layer.in_features != intermediate_size}  # fmt: skip
+    with warnings.catch_warnings():  # torch.ao's notice that eager-mode quantisation moves to torchao
+        warnings.simplefilter("ignore")
+        quantize_dynamic(module, spec, dtype=torch.qint8, inplace=True)

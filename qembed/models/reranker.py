@@ -88,7 +88,7 @@ class Reranker:
         tokenizer = load_pretrained(AutoTokenizer, model_dir, trust_remote_code=trust_remote_code)
         model = load_pretrained(auto, model_dir, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code)
         model.to(device).eval()
-        quantize_linear_layers(model.base_model, quantize)
+        quantize_linear_layers(model.base_model, quantize, getattr(config, "intermediate_size", None))
         reranker = cls(model, tokenizer, kind=kind, model_dir=model_dir, name_or_path=str(name_or_path),
                        max_length=max_length, device=device)  # fmt: skip
         reranker.quantize = quantize
