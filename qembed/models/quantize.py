@@ -1,11 +1,12 @@
 """The int8 CPU path: dynamic int8 quantisation of a model's Linear layers (PyTorch, no extra dependency).
 
-Chosen by measurement (`bench/bench_embed.py`): on an AVX-512 VNNI CPU it runs the Qwen3-0.6B and MiniLM
-architectures faster than ONNX Runtime int8 and OpenVINO through sentence-transformers, and because the model
-stays a transformers module everything else is unchanged: prompts, padding, pooling, Matryoshka, the
-reranker's yes/no logits and its key/value cache. Weights are int8 per output channel, activations are
-quantised per batch on the fly (so an int8 vector depends slightly on its batch); embeddings, norms,
-attention and the feed-forward output projections stay fp32.
+The model stays a transformers module, so everything else is unchanged: prompts, padding, pooling,
+Matryoshka, the reranker's yes/no logits and its key/value cache (shared-prefix reuse works in int8 too).
+Weights are int8 per output channel, activations are quantised per batch on the fly (so an int8 vector
+depends slightly on its batch); embeddings, norms, attention and the feed-forward output projections stay
+fp32. `bench/bench_embed.py` compares it with sentence-transformers' ONNX, ONNX int8 and OpenVINO backends
+(figures in the README): those runtimes were faster on the development machine, and an ONNX Runtime or
+OpenVINO backend for qembed (same pre- and post-processing around an exported graph) is the next step.
 """
 
 from __future__ import annotations
