@@ -7,13 +7,13 @@ Cross-encoders with a sequence-classification head (bge-reranker style): sigmoid
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from qembed.errors import QembedError
 from qembed.models import prompts
@@ -26,19 +26,25 @@ _AUTO_PROGRESS_FROM = 256  # pairs
 _MIN_SHARED_PREFIX = 8  # tokens: below this, reusing a cache saves less than it costs
 
 
-class _SharedPrefixCache(DynamicCache):
-    """The key/value cache of one shared prefix, read by every row of a batch and never grown: each layer
-    sees the prefix's keys/values followed by the batch's own, and nothing is kept across layers or batches
-    (a growing cache would hold every layer's keys/values of the whole batch at once)."""
+@functools.cache
+def _shared_prefix_cache_class():
+    """`DynamicCache` subclass (transformers is imported on first use): the key/value cache of one shared
+    prefix, read by every row of a batch and never grown. Each layer sees the prefix's keys/values followed
+    by the batch's own, and nothing is kept across layers or batches (a growing cache would hold every
+    layer's keys/values of the whole batch at once)."""
+    from transformers import DynamicCache
 
-    @classmethod
-    def from_cache(cls, cache: DynamicCache) -> _SharedPrefixCache:
-        return cls([(layer.keys, layer.values) for layer in cache.layers])
+    class SharedPrefixCache(DynamicCache):
+        @classmethod
+        def from_cache(cls, cache: DynamicCache) -> SharedPrefixCache:
+            return cls([(layer.keys, layer.values) for layer in cache.layers])
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        layer, rows = self.layers[layer_idx], key_states.shape[0]
-        return (torch.cat([layer.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
-                torch.cat([layer.values.expand(rows, -1, -1, -1), value_states], dim=-2))  # fmt: skip
+        def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+            layer, rows = self.layers[layer_idx], key_states.shape[0]
+            return (torch.cat([layer.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
+                    torch.cat([layer.values.expand(rows, -1, -1, -1), value_states], dim=-2))  # fmt: skip
+
+    return SharedPrefixCache
 
 
 class Reranker:
@@ -176,7 +182,7 @@ class Reranker:
         with torch.inference_mode():
             prefix = torch.tensor([first[:shared]], device=self.device)
             try:
-                cache = _SharedPrefixCache.from_cache(decoder(input_ids=prefix, use_cache=True).past_key_values)
+                cache = _shared_prefix_cache_class().from_cache(decoder(input_ids=prefix, use_cache=True).past_key_values)
             except (AttributeError, TypeError, NotImplementedError):  # no reusable cache: plain path
                 return None
             batches = token_budget_batches([len(ids) for ids in rests], batch_tokens)
