@@ -108,6 +108,8 @@ MINILM_NFCORPUS_FP32_NDCG10 = 0.3173
 
 @pytest.mark.slow
 def test_int8_minilm_nfcorpus_within_half_a_point_of_fp32(shared_dir, minilm_path, tmp_path):
+    # NOTE (h-fast): written as the issue asks but not yet seen to finish: at load 12-15 on the shared machine
+    # the 3,633-document encode would have taken over an hour. Run it once on a quiet machine before merging.
     from qembed.eval import evaluate
 
     emb = Embedder.from_pretrained(minilm_path, quantize="int8")
