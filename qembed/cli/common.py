@@ -129,6 +129,12 @@ def add_device_args(p: argparse.ArgumentParser, *, batch: bool = True, what: str
                        help="padded tokens per encoding batch (default: auto, the model's own budget)")  # fmt: skip
 
 
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    """`--quantize int8`: int8 Linear layers on the CPU (see `qembed.models.quantize`)."""
+    p.add_argument("--quantize", choices=["int8"],
+                   help="int8 Linear layers on the CPU: faster, approximate (default: off, the model's own weights)")  # fmt: skip
+
+
 def add_output_args(p: argparse.ArgumentParser, *, help: str, resumable: bool = False, metavar: str = "FILE") -> None:
     """`--output` and, for verbs that resume an existing output, `--overwrite`."""
     p.add_argument("--output", required=True, metavar=metavar, help=help)

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from qembed.cli.common import add_model_args, add_output_args, add_progress_args, check_output
+from qembed.cli.common import (
+    add_model_args,
+    add_output_args,
+    add_progress_args,
+    add_quantize_arg,
+    check_output,
+)
 from qembed.data.corpus import iter_corpus
 from qembed.errors import QembedError
 
@@ -22,6 +28,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dim", type=int, help="Matryoshka dimension, first N components re-normalised (default: full)")
     add_output_args(p, help="FILE.npy or FILE.jsonl (overwritten)")
     add_progress_args(p)
+    add_quantize_arg(p)
     p.set_defaults(func=run)
 
 
@@ -34,7 +41,7 @@ def run(args) -> int:
     check_output(output, input=args.input)
     docs = list(iter_corpus(args.input, text_field=args.field, keep_blank=True))  # row i = document i
     texts = [doc.text for doc in docs]
-    embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
         embedder._check_dim(args.dim)
     except ValueError as exc:

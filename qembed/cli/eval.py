@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from qembed.cli.common import add_list, add_model_args, add_output_args, add_progress_args, check_output
+from qembed.cli.common import (
+    add_list,
+    add_model_args,
+    add_output_args,
+    add_progress_args,
+    add_quantize_arg,
+    check_output,
+)
 from qembed.errors import QembedError
 
 
@@ -28,6 +35,7 @@ def add_parser(subparsers) -> None:
                    help="nDCG gain: linear (trec_eval, BEIR, MTEB; default) or exponential (2^grade - 1)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="embedding cache (default: $QEMBED_CACHE or ~/.cache/qembed/embeddings)")
+    add_quantize_arg(p)
     add_output_args(p, help="folder for metrics.json, report.md, recall_at_k.png", metavar="DIR")
     add_progress_args(p)
     p.set_defaults(func=run)
@@ -66,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.dataset, split=args.split, instruction=parse_instruction_settings(args), dim=args.dim,
         k=parse_ks(args.k), index=args.index, reranker=args.reranker, rerank_top=args.rerank_top,
         ndcg_gain=args.ndcg_gain, output=args.output, cache_dir=args.cache_dir, device=args.device,
-        dtype=args.dtype, batch_tokens=args.batch_tokens,
+        dtype=args.dtype, batch_tokens=args.batch_tokens, quantize=args.quantize,
     )  # fmt: skip
     first = results[0]
     print(f"{first['dataset']} ({first['split']}): {first['num_queries']} queries, {first['num_docs']} documents")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 import os
 
-from qembed.cli.common import add_device_args, add_model_args, add_output_args, add_progress_args
+from qembed.cli.common import (
+    add_device_args,
+    add_model_args,
+    add_output_args,
+    add_progress_args,
+    add_quantize_arg,
+)
 from qembed.errors import QembedError
 
 
@@ -22,6 +28,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--collection", help="Milvus collection name (default: a new unique name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Milvus collection of that name")
     add_milvus_token_arg(p)
+    add_quantize_arg(p)
     add_progress_args(p)
     p.set_defaults(func=run_build)
 
@@ -36,6 +43,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--json", action="store_true", help="print the hits as one JSON object")
     add_milvus_token_arg(s)
     add_device_args(s, what="the models")
+    add_quantize_arg(s)
     add_progress_args(s)
     s.set_defaults(func=run_search)
 
@@ -53,7 +61,7 @@ def run_build(args) -> int:
     from qembed.index.store import build_index
     from qembed.models.embedder import Embedder
 
-    embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
         embedder._check_dim(args.dim)
     except ValueError as exc:
@@ -75,13 +83,14 @@ def run_search(args) -> int:
     if args.top_k < 1:
         raise QembedError("--top-k must be at least 1")
     manifest = Manifest.read(args.index)
-    embedder = Embedder.from_pretrained(args.model or manifest.model, device=args.device, dtype=args.dtype)
+    embedder = Embedder.from_pretrained(args.model or manifest.model, device=args.device, dtype=args.dtype,
+                                        quantize=args.quantize)  # fmt: skip
     index = open_search_index(args.index, embedder, token=milvus_token(args))
     reranker = None
     if args.reranker:
         from qembed.models.reranker import Reranker
 
-        reranker = Reranker.from_pretrained(args.reranker, device=args.device, dtype=args.dtype)
+        reranker = Reranker.from_pretrained(args.reranker, device=args.device, dtype=args.dtype, quantize=args.quantize)
     hits = index.search(args.query, args.top_k, instruction=args.instruction, reranker=reranker,
                         rerank_top=args.rerank_top)  # fmt: skip
     if args.json:

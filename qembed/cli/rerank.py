@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from qembed.cli.common import add_model_args, add_progress_args
+from qembed.cli.common import add_model_args, add_progress_args, add_quantize_arg
 from qembed.data.corpus import read_texts
 
 
@@ -17,6 +17,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--instruction", help="task instruction (default: the model's web-search instruction)")
     p.add_argument("--top-k", type=int, help="print only the best K (default: all)")
     add_progress_args(p)
+    add_quantize_arg(p)
     p.set_defaults(func=run)
 
 
@@ -24,9 +25,9 @@ def run(args) -> int:
     from qembed.models.reranker import Reranker
 
     documents = read_texts(args.input, field=args.field)
-    reranker = Reranker.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    options = {} if args.batch_tokens is None else {"batch_tokens": args.batch_tokens}
-    ranked = reranker.rerank(args.query, documents, instruction=args.instruction, top_k=args.top_k, **options)
+    reranker = Reranker.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    ranked = reranker.rerank(args.query, documents, instruction=args.instruction, top_k=args.top_k,
+                             batch_tokens=args.batch_tokens)
     for rank, (index, score) in enumerate(ranked, start=1):
         print(json.dumps({"rank": rank, "index": index, "score": round(score, 6), "text": documents[index]},
                          ensure_ascii=False))  # fmt: skip

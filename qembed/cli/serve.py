@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from qembed.cli.common import add_model_args
+from qembed.cli.common import add_model_args, add_quantize_arg
 from qembed.errors import QembedError
 
 
@@ -26,6 +26,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-batching", action="store_true", help="one request per forward pass (for comparisons)")
     p.add_argument("--milvus-token-env", default="MILVUS_TOKEN", metavar="VAR",
                    help="environment variable holding the Milvus token (default: MILVUS_TOKEN)")  # fmt: skip
+    add_quantize_arg(p)
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.set_defaults(func=run)
 
@@ -45,7 +46,7 @@ def run(args) -> int:
     if args.max_input_tokens is not None and args.max_input_tokens < 2:
         raise QembedError("--max-input-tokens must be at least 2")
     token = os.environ.get(args.milvus_token_env, "") if args.milvus_token_env else ""
-    embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     index = None
     if args.index:
         from qembed.index.store import open_search_index
@@ -55,7 +56,8 @@ def run(args) -> int:
     if args.reranker:
         from qembed.models.reranker import Reranker
 
-        reranker = Reranker.from_pretrained(args.reranker, device=args.device, dtype=args.dtype)
+        reranker = Reranker.from_pretrained(args.reranker, device=args.device, dtype=args.dtype,
+                                            quantize=args.quantize)  # fmt: skip
     config = ServeConfig(
         served_model_name=args.served_model_name, api_key=api_key, max_batch_tokens=args.max_batch_tokens,
         max_client_batch_size=args.max_client_batch_size, max_input_tokens=args.max_input_tokens,

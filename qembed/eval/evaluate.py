@@ -50,6 +50,7 @@ def evaluate(
     device: str | None = None,
     show_progress: bool | None = None,
     dtype: str | None = None,
+    quantize: str | None = None,
 ) -> list[dict]:
     """Evaluate retrieval of each model on a BEIR dataset; returns one result dict per run.
 
@@ -58,7 +59,8 @@ def evaluate(
     compare side by side. `reranker`: a name/path or `Reranker` that reorders each query's top `rerank_top`
     candidates. `index`: an `open_index` spec (`faiss`, `hnsw`, `milvus:PATH.db`, `milvus:http://HOST:PORT`).
     `cache=False` keeps vectors in memory only (for weights that change, as in training). `device`, `dtype`
-    and `batch_tokens` (padded tokens per batch; None: each model's measured default) are passed to the models. Metrics are
+    and `batch_tokens` (padded tokens per batch; None: each model's measured default) are passed to the models;
+    `quantize="int8"` loads models given by name with int8 Linear layers on the CPU. Metrics are
     fractions in [0, 1] keyed `"<metric>@<k>"` (see `qembed.eval.metrics`; nDCG gain `ndcg_gain`).
     """
     from qembed.eval.report import write_outputs
@@ -82,13 +84,15 @@ def evaluate(
 
     rr, rr_name = None, None
     if reranker is not None:
-        rr = reranker if isinstance(reranker, Reranker) else Reranker.from_pretrained(reranker, device=device, dtype=dtype)
+        rr = reranker if isinstance(reranker, Reranker) else Reranker.from_pretrained(reranker, device=device, dtype=dtype,
+                                                                                      quantize=quantize)  # fmt: skip
         rr_name = str(getattr(rr, "name_or_path", reranker))
     options = {"dim": dim, "cache_dir": cache_dir, "persist": cache, "batch_tokens": batch_tokens}
     results: list[dict] = []
     for model in models:
         started = time.perf_counter()
-        emb = model if isinstance(model, Embedder) else Embedder.from_pretrained(model, device=device, dtype=dtype)
+        emb = model if isinstance(model, Embedder) else Embedder.from_pretrained(model, device=device, dtype=dtype,
+                                                                                 quantize=quantize)  # fmt: skip
         name = str(model) if not isinstance(model, Embedder) else emb.name_or_path
         load_s = time.perf_counter() - started
         if dim is not None and not (isinstance(dim, int) and 0 < dim <= emb.hidden_size):
@@ -130,6 +134,7 @@ def evaluate(
                 "query_format": fmt.kind,
                 "dim": int(query_vectors.shape[1]),
                 "reranker": rr_name,
+                "quantize": emb.quantize,
                 "index": index,
                 "ndcg_gain": ndcg_gain,
                 "num_queries": len(dataset.query_ids),

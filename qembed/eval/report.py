@@ -18,6 +18,8 @@ def run_label(entry: dict) -> str:
         parts = [name, f"instruction: {text}"]
     if entry.get("dim"):
         parts.append(f"{entry['dim']}d")
+    if entry.get("quantize"):
+        parts.append(entry["quantize"])
     if entry.get("reranker"):
         parts.append(f"+ {Path(entry['reranker']).name}")
     return " · ".join(parts)

@@ -38,6 +38,7 @@ from qembed.models.loading import (
     write_sentence_transformers_files,
 )
 from qembed.models.prompts import MODEL_DEFAULT, QueryFormat
+from qembed.models.quantize import check_quantize, quantize_linear_layers
 from qembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ def check_texts(texts: Sequence[str]) -> list[str]:
 
 class Embedder:
     """Turns texts into float32 vectors; load with `Embedder.from_pretrained(name_or_path)`."""
+
+    quantize: str | None = None  # "int8" when the Linear layers run quantised (part of `fingerprint`)
 
     def __init__(self, model, tokenizer, info: SentenceTransformersInfo, *, model_dir: Path, name_or_path: str,
                  max_length: int, device: torch.device) -> None:  # fmt: skip
@@ -113,13 +116,14 @@ class Embedder:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, max_length: int = 8192,
-                        trust_remote_code: bool = False) -> Embedder:  # fmt: skip
+                        trust_remote_code: bool = False, quantize: str | None = None) -> Embedder:  # fmt: skip
         """Load from a local folder or a hub id (sentence-transformers or plain transformers layout): the base
-        model (no head; the class a qembed export records), refusing weights that would be randomly initialised."""
+        model (no head; the class a qembed export records), refusing weights that would be randomly initialised.
+        `quantize="int8"` runs the Linear layers in int8 on the CPU (see `qembed.models.quantize`)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         model_dir = resolve_model_dir(name_or_path)
-        device = pick_device(device)
+        device = pick_device(check_quantize(quantize, device, dtype))
         config = load_pretrained(AutoConfig, model_dir, trust_remote_code=trust_remote_code)
         info = read_sentence_transformers_info(model_dir, config)
         tokenizer = load_pretrained(AutoTokenizer, model_dir, trust_remote_code=trust_remote_code)
@@ -128,8 +132,12 @@ class Embedder:
         model = load_weights(backbone, model_dir, expected="an embedding model with all of its weights",
                              dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code)  # fmt: skip
         model.to(device).eval()
-        return cls(model, tokenizer, info, model_dir=model_dir, name_or_path=str(name_or_path),
-                   max_length=max_length, device=device)  # fmt: skip
+        quantize_linear_layers(model.base_model, quantize, getattr(config, "intermediate_size", None))
+        embedder = cls(model, tokenizer, info, model_dir=model_dir, name_or_path=str(name_or_path),
+                       max_length=max_length, device=device)  # fmt: skip
+        if quantize:  # quantised vectors never share a cache entry or an index with fp32 ones
+            embedder.quantize, embedder.fingerprint = quantize, f"{embedder.fingerprint}-{quantize}"
+        return embedder
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save model, tokenizer, sentence-transformers files and `qembed.json`, keeping the tensor names and

@@ -7,6 +7,7 @@ Cross-encoders with a sequence-classification head (bge-reranker style): sigmoid
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,10 +34,12 @@ from qembed.models.loading import (
     pick_dtype,
     resolve_model_dir,
 )
+from qembed.models.quantize import check_quantize, quantize_linear_layers
 from qembed.progress import progress_bar
 
 _AUTO_PROGRESS_FROM = 256  # pairs
 PAIRS_PER_WINDOW = 4096  # pairs tokenised and batched together by `score_pairs`
+_MIN_SHARED_PREFIX = 8  # tokens: below this, reusing a cache saves less than it costs
 _EXPECTED = ("a reranker: a Qwen3-Reranker-style causal LM (...ForCausalLM with its output layer) or a "
              "cross-encoder (...ForSequenceClassification with its classification head)")  # fmt: skip
 
@@ -63,8 +66,31 @@ def _reranker_class(model_dir: Path, config) -> tuple[str, type]:
     raise QembedError(f"{model_dir} holds {', '.join(archs)}; expected {_EXPECTED}")
 
 
+@functools.cache
+def _shared_prefix_cache_class():
+    """`DynamicCache` subclass (transformers is imported on first use): the key/value cache of one shared
+    prefix, read by every row of a batch and never grown. Each layer sees the prefix's keys/values followed
+    by the batch's own, and nothing is kept across layers or batches (a growing cache would hold every
+    layer's keys/values of the whole batch at once)."""
+    from transformers import DynamicCache
+
+    class SharedPrefixCache(DynamicCache):
+        @classmethod
+        def from_cache(cls, cache: DynamicCache) -> SharedPrefixCache:
+            return cls([(layer.keys, layer.values) for layer in cache.layers])
+
+        def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+            layer, rows = self.layers[layer_idx], key_states.shape[0]
+            return (torch.cat([layer.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
+                    torch.cat([layer.values.expand(rows, -1, -1, -1), value_states], dim=-2))  # fmt: skip
+
+    return SharedPrefixCache
+
+
 class Reranker:
     """Scores (query, document) pairs; load with `Reranker.from_pretrained(name_or_path)`."""
+
+    quantize: str | None = None  # "int8" when the body's Linear layers run quantised
 
     def __init__(self, model, tokenizer, *, kind: str, model_dir: Path, name_or_path: str, max_length: int,
                  device: torch.device) -> None:  # fmt: skip
@@ -94,21 +120,25 @@ class Reranker:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, max_length: int = 8192,
-                        trust_remote_code: bool = False) -> Reranker:  # fmt: skip
+                        trust_remote_code: bool = False, quantize: str | None = None) -> Reranker:  # fmt: skip
         """Load a Qwen3-Reranker-style causal LM (its output layer loaded, `yes`/`no` in its vocabulary) or a
-        cross-encoder (its classification head loaded); anything else is a one-line `QembedError`."""
+        cross-encoder (its classification head loaded); anything else is a one-line `QembedError`.
+        `quantize="int8"` runs the body's Linear layers in int8 on the CPU (the yes/no head stays fp32)."""
         from transformers import AutoConfig, AutoTokenizer
 
         model_dir = resolve_model_dir(name_or_path)
-        device = pick_device(device)
+        device = pick_device(check_quantize(quantize, device, dtype))
         config = load_pretrained(AutoConfig, model_dir, trust_remote_code=trust_remote_code)
         kind, backbone = _reranker_class(model_dir, config)
         tokenizer = load_pretrained(AutoTokenizer, model_dir, trust_remote_code=trust_remote_code)
         model = load_weights(backbone, model_dir, expected=_EXPECTED, dtype=pick_dtype(dtype, device),
                              trust_remote_code=trust_remote_code)  # fmt: skip
         model.to(device).eval()
-        return cls(model, tokenizer, kind=kind, model_dir=model_dir, name_or_path=str(name_or_path),
-                   max_length=max_length, device=device)  # fmt: skip
+        quantize_linear_layers(model.base_model, quantize, getattr(config, "intermediate_size", None))
+        reranker = cls(model, tokenizer, kind=kind, model_dir=model_dir, name_or_path=str(name_or_path),
+                       max_length=max_length, device=device)  # fmt: skip
+        reranker.quantize = quantize
+        return reranker
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save model, tokenizer and `qembed.json`, keeping the tensor names of the folder it was loaded from."""
@@ -189,26 +219,82 @@ class Reranker:
                     batch_tokens: int | None = None, show_progress: bool | None = None) -> list[float]:  # fmt: skip
         """Relevance of each `(query, document)` pair, in [0, 1], in input order.
 
-        Pairs of many queries form one token-budget stream, so batches fill however few candidates each
-        query has (`batch_tokens=None`: the model family's `batching`). Pairs are tokenised a window
-        of `PAIRS_PER_WINDOW` at a time, so memory stays bounded however many there are.
+        A Qwen3 reranker computes the prompt prefix a query's pairs share (system prompt, instruction, query)
+        once and reuses its key/value cache for all of them (`_score_shared_prefix`). Other pairs form one
+        token-budget stream across queries, so batches fill however few candidates each query has
+        (`batch_tokens=None`: the model family's `batching`), tokenised a window of `PAIRS_PER_WINDOW` at a
+        time so memory stays bounded however many there are.
         """
         pairs = _check_pairs(pairs)
         batching = self.batching
         budget = batch_tokens or batching.batch_tokens
-        scores: list[float] = []
+        scores: list[float | None] = [None] * len(pairs)
         show = (None if len(pairs) >= _AUTO_PROGRESS_FROM else False) if show_progress is None else show_progress
         with torch.inference_mode(), progress_bar(total=len(pairs), enabled=show, desc="rerank", unit="pair") as bar:
-            for begin in range(0, len(pairs), PAIRS_PER_WINDOW):
-                token_ids = self.prepare_pair_list(pairs[begin : begin + PAIRS_PER_WINDOW], instruction=instruction)
-                window = [0.0] * len(token_ids)
+            if self.kind == "qwen3":
+                by_query: dict[str, list[int]] = {}
+                for index, (query, _) in enumerate(pairs):
+                    by_query.setdefault(query, []).append(index)
+                for query, indices in by_query.items():
+                    if len(indices) < 2:
+                        continue
+                    token_ids = self.prepare_pairs(query, [pairs[i][1] for i in indices], instruction=instruction)
+                    reused = self._score_shared_prefix(token_ids, batch_tokens=budget, bar=bar)
+                    for index, value in zip(indices, reused or []):
+                        scores[index] = value
+            rest = [index for index, value in enumerate(scores) if value is None]
+            for begin in range(0, len(rest), PAIRS_PER_WINDOW):
+                window = rest[begin : begin + PAIRS_PER_WINDOW]
+                token_ids = self.prepare_pair_list([pairs[i] for i in window], instruction=instruction)
                 for indices in token_budget_batches([len(ids) for ids in token_ids], budget,
                                                     min_batch_tokens=batching.min_batch_tokens):  # fmt: skip
                     probs = torch.sigmoid(self.forward_logits(self.collate([token_ids[i] for i in indices])))
                     for index, value in zip(indices, probs.tolist()):
-                        window[index] = value
+                        scores[window[index]] = value
                     bar.update(len(indices))
-                scores += window
+        return scores
+
+    def _score_shared_prefix(self, token_ids: Sequence[Sequence[int]], *, batch_tokens: int,
+                             bar=None) -> list[float] | None:  # fmt: skip
+        """Scores of pairs that share a token prefix (one query's pairs: system prompt, instruction, query),
+        computing the prefix once and reusing its key/value cache for every pair; exact, same ids and positions.
+
+        None where this does not apply, and the caller takes the plain path: cross-encoders, fewer than two
+        pairs, a shared prefix under `_MIN_SHARED_PREFIX` tokens, or a model whose cache cannot be reused.
+        """
+        if self.kind != "qwen3" or len(token_ids) < 2:
+            return None
+        shared = min(len(ids) for ids in token_ids) - 1  # every pair keeps at least its last token
+        first = token_ids[0]
+        for ids in token_ids[1:]:
+            shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
+        if shared < _MIN_SHARED_PREFIX:
+            return None
+        decoder = self.model.get_decoder()
+        weight = self.model.get_output_embeddings().weight[[self.no_id, self.yes_id]].float()
+        scores = [0.0] * len(token_ids)
+        rests = [ids[shared:] for ids in token_ids]
+        with torch.inference_mode():
+            prefix = torch.tensor([first[:shared]], device=self.device)
+            try:
+                cache = _shared_prefix_cache_class().from_cache(decoder(input_ids=prefix, use_cache=True).past_key_values)
+            except (AttributeError, TypeError, NotImplementedError):  # no reusable cache: plain path
+                return None
+            for indices in token_budget_batches([len(ids) for ids in rests], batch_tokens):
+                batch = pad_batch([rests[i] for i in indices], self.pad_id, left=False, device=self.device)
+                lengths = batch["attention_mask"].sum(dim=1)
+                rows, width = batch["input_ids"].shape
+                mask = torch.cat([torch.ones(rows, shared, dtype=torch.long, device=self.device),
+                                  batch["attention_mask"]], dim=1)  # fmt: skip
+                positions = torch.arange(shared, shared + width, device=self.device).expand(rows, -1)
+                hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True).last_hidden_state  # fmt: skip
+                last = hidden[torch.arange(rows, device=self.device), lengths - 1].float()  # right padding
+                no_yes = last @ weight.T
+                for index, value in zip(indices, torch.sigmoid(no_yes[:, 1] - no_yes[:, 0]).tolist()):
+                    scores[index] = value
+                if bar is not None:
+                    bar.update(len(indices))
         return scores
 
     def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,

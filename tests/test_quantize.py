@@ -1,0 +1,120 @@
+"""The int8 CPU path (`quantize="int8"`): quality against fp32, unchanged semantics (instructions, Matryoshka,
+reranker yes/no), caches that never mix int8 and fp32 vectors, the CLI flag, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qembed import Embedder, Reranker
+from qembed.cli import main
+from qembed.errors import QembedError
+from qembed.eval.cache import CacheStats, encode_with_cache
+from qembed.models.prompts import format_query
+
+TEXTS = ["how do I control rice blast?", "Rice blast is controlled with resistant varieties and balanced nitrogen.",
+         "稻瘟病的防治方法有哪些？", "x", "Fungicides such as tricyclazole protect rice against blast. " * 12]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def embedders(tiny_embedder_path):
+    return Embedder.from_pretrained(tiny_embedder_path), Embedder.from_pretrained(tiny_embedder_path, quantize="int8")
+
+
+def test_int8_vectors_close_to_fp32_with_the_same_semantics(embedders, one_torch_thread):
+    fp32, int8 = embedders
+    assert int8.quantize == "int8" and fp32.quantize is None
+    assert "QuantizedLinear" in repr(int8.model) and "QuantizedLinear" not in repr(fp32.model)
+    for encode in ("encode_queries", "encode_documents"):
+        want, got = getattr(fp32, encode)(TEXTS), getattr(int8, encode)(TEXTS)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+        assert (got * want).sum(axis=1).min() >= 0.99
+    # instructions: the same template as fp32 (a query with its instruction == that text embedded bare)
+    queries = int8.encode_queries(TEXTS, batch_tokens=1)  # one text per batch: no batch effect in the comparison
+    bare = int8.encode([format_query(t, int8.default_instruction) for t in TEXTS], batch_tokens=1)
+    assert np.allclose(queries, bare, atol=1e-6)
+    assert not np.allclose(queries, int8.encode(TEXTS, batch_tokens=1), atol=1e-3)
+    # Matryoshka: the first 32 components re-normalised, as in fp32
+    full, small = int8.encode(TEXTS, batch_tokens=1), int8.encode(TEXTS, dim=32, batch_tokens=1)
+    head = full[:, :32] / np.linalg.norm(full[:, :32], axis=1, keepdims=True)
+    assert small.shape == (len(TEXTS), 32) and np.allclose(small, head, atol=1e-5)
+    assert (small * fp32.encode(TEXTS, dim=32)).sum(axis=1).min() >= 0.99
+
+
+def test_cache_never_mixes_int8_and_fp32(embedders, tmp_path, one_torch_thread):
+    fp32, int8 = embedders
+    assert int8.fingerprint != fp32.fingerprint and int8.fingerprint.startswith(fp32.fingerprint)
+    first, second, third = CacheStats(), CacheStats(), CacheStats()
+    want = encode_with_cache(fp32, TEXTS, cache_dir=tmp_path, stats=first)
+    got = encode_with_cache(int8, TEXTS, cache_dir=tmp_path, stats=second)  # nothing reused from fp32
+    assert (first.encoded, second.encoded, second.hits) == (len(TEXTS), len(TEXTS), 0)
+    assert not np.array_equal(got, want)
+    assert np.array_equal(encode_with_cache(int8, TEXTS, cache_dir=tmp_path, stats=third), got)
+    assert third.encoded == 0  # ... but int8 reuses its own
+
+
+def test_int8_reranker_keeps_yes_no_scoring(tiny_reranker_path, one_torch_thread):
+    fp32 = Reranker.from_pretrained(tiny_reranker_path)
+    int8 = Reranker.from_pretrained(tiny_reranker_path, quantize="int8")
+    assert int8.quantize == "int8" and "QuantizedLinear" in repr(int8.model.get_decoder())
+    assert isinstance(int8.model.get_output_embeddings().weight, torch.Tensor)  # the yes/no head stays fp32
+    want, got = fp32.score(TEXTS[0], TEXTS[1:]), int8.score(TEXTS[0], TEXTS[1:])
+    assert got == pytest.approx(want, abs=0.02) and got != want
+
+
+def test_cli_quantize_flag(tiny_embedder_path, tiny_reranker_path, tmp_path, capsys, one_torch_thread):
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(TEXTS[1:]) + "\n", encoding="utf-8")
+    for flags, name in (([], "fp32.npy"), (["--quantize", "int8"], "int8.npy")):
+        assert main(["embed", "--model", str(tiny_embedder_path), "--input", str(docs), "--output",
+                     str(tmp_path / name), *flags]) == 0  # fmt: skip
+    want, got = np.load(tmp_path / "fp32.npy"), np.load(tmp_path / "int8.npy")
+    assert not np.array_equal(got, want) and (got * want).sum(axis=1).min() >= 0.99
+    capsys.readouterr()
+    assert main(["rerank", "--model", str(tiny_reranker_path), "--query", TEXTS[0], "--input", str(docs),
+                 "--quantize", "int8"]) == 0  # fmt: skip
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == len(TEXTS) - 1 and all(0 <= line["score"] <= 1 for line in lines)
+    # bad combinations: one line, exit status 2
+    assert main(["embed", "--model", str(tiny_embedder_path), "--input", str(docs), "--output",
+                 str(tmp_path / "x.npy"), "--quantize", "int8", "--dtype", "bf16"]) == 2  # fmt: skip
+    assert "starts from fp32 weights" in capsys.readouterr().err
+    with pytest.raises(QembedError, match="CPU only"):
+        Embedder.from_pretrained(tiny_embedder_path, quantize="int8", device="meta")
+    with pytest.raises(QembedError, match="unknown quantize"):
+        Reranker.from_pretrained(tiny_reranker_path, quantize="int4")
+
+
+def test_eval_records_quantize(tiny_embedder_path, tmp_path, one_torch_thread):
+    from qembed.data.beir import write_beir
+
+    corpus = {f"d{i}": {"title": "", "text": text} for i, text in enumerate(TEXTS)}
+    write_beir(tmp_path / "beir", corpus, {"q0": "rice blast"}, {"test": {"q0": {"d1": 1}}})
+    assert main(["eval", "--model", str(tiny_embedder_path), "--dataset", str(tmp_path / "beir"), "--k", "1,5",
+                 "--quantize", "int8", "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "out")]) == 0  # fmt: skip
+    entry = json.loads((tmp_path / "out" / "metrics.json").read_text())[0]
+    assert entry["quantize"] == "int8"
+    assert "int8" in (tmp_path / "out" / "report.md").read_text()
+
+
+#: all-MiniLM-L6-v2 fp32 on NFCorpus test (exact search, title + text): nDCG@10 = 31.73, asserted to 31.7 +- 0.3
+#: by tests/test_eval_evaluate.py::test_nfcorpus_minilm_matches_published_and_backends_agree and in the README.
+MINILM_NFCORPUS_FP32_NDCG10 = 0.3173
+
+
+@pytest.mark.slow
+def test_int8_minilm_nfcorpus_within_half_a_point_of_fp32(shared_dir, minilm_path, tmp_path):
+    # NOTE (h-fast): written as the issue asks but not yet seen to finish: at load 12-15 on the shared machine
+    # the 3,633-document encode would have taken over an hour. Run it once on a quiet machine before merging.
+    from qembed.eval import evaluate
+
+    emb = Embedder.from_pretrained(minilm_path, quantize="int8")
+    run = evaluate(emb, shared_dir / "data" / "nfcorpus", instruction=None, cache_dir=tmp_path, k=[10])[0]
+    assert run["num_docs"] == 3633 and run["num_queries"] == 323 and run["quantize"] == "int8"
+    ndcg = run["metrics"]["ndcg@10"]
+    print(f"all-MiniLM-L6-v2 int8 NFCorpus nDCG@10 = {100 * ndcg:.2f} (fp32 {100 * MINILM_NFCORPUS_FP32_NDCG10:.2f})")
+    assert abs(ndcg - MINILM_NFCORPUS_FP32_NDCG10) <= 0.005, ndcg
