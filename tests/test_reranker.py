@@ -194,14 +194,15 @@ def test_causal_lm_without_yes_no_tokens_is_refused(tmp_path):
 
 
 def test_score_pairs_across_queries_is_one_stream(reranker, monkeypatch):
-    other = "Which crops suffer from aphids?"
-    per_query = reranker.score(QUERY, DOCS) + reranker.score(other, DOCS[:2])
+    others = ["Which crops suffer from aphids?", "When is maize harvested?", "How much rain does rice need?"]
+    per_query = reranker.score(QUERY, DOCS) + [reranker.score(q, [d])[0] for q, d in zip(others, DOCS)]
     forwards = []
     real = reranker.forward_logits
     monkeypatch.setattr(reranker, "forward_logits", lambda batch: forwards.append(len(batch["input_ids"])) or real(batch))
-    pairs = [(QUERY, d) for d in DOCS] + [(other, d) for d in DOCS[:2]]
+    pairs = [(QUERY, d) for d in DOCS] + list(zip(others, DOCS))
     assert reranker.score_pairs(pairs) == pytest.approx(per_query, abs=1e-5)
-    assert sum(forwards) == 6 and len(forwards) < 6  # pairs of both queries share batches
+    # one query's pairs reuse their shared prefix; lone pairs of different queries share plain batches
+    assert sum(forwards) == len(others) and len(forwards) < len(others)
     assert reranker.score_pairs([]) == []
     with pytest.raises(TypeError, match=r"pairs\[1\] document is int"):
         reranker.score_pairs([(QUERY, "ok"), (QUERY, 3)])

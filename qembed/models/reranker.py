@@ -254,7 +254,7 @@ class Reranker:
                     bar.update(len(indices))
         return scores
 
-    def _score_shared_prefix(self, token_ids: Sequence[Sequence[int]], *, batch_tokens: int,
+    def _score_shared_prefix(self, token_ids: Sequence[Sequence[int]], *, batch_tokens: int | None = None,
                              bar=None) -> list[float] | None:  # fmt: skip
         """Scores of pairs that share a token prefix (one query's pairs: system prompt, instruction, query),
         computing the prefix once and reusing its key/value cache for every pair; exact, same ids and positions.
@@ -280,7 +280,7 @@ class Reranker:
                 cache = _shared_prefix_cache_class().from_cache(decoder(input_ids=prefix, use_cache=True).past_key_values)
             except (AttributeError, TypeError, NotImplementedError):  # no reusable cache: plain path
                 return None
-            for indices in token_budget_batches([len(ids) for ids in rests], batch_tokens):
+            for indices in token_budget_batches([len(ids) for ids in rests], batch_tokens or self.batching.batch_tokens):
                 batch = pad_batch([rests[i] for i in indices], self.pad_id, left=False, device=self.device)
                 lengths = batch["attention_mask"].sum(dim=1)
                 rows, width = batch["input_ids"].shape
