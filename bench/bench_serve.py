@@ -3,7 +3,9 @@
 Bounded closed-loop load on 127.0.0.1: N concurrent clients each send a request, wait for the answer and send
 the next, for T seconds. Scenarios: (a) 64 clients x 1 short text (NFCorpus queries), (b) 8 clients x 32 texts
 (NFCorpus abstracts cut to 300 characters). Prints requests/s, texts/s, p50/p95/p99 latency and errors per
-server, and the ratios within this run. Rounds alternate the order of the servers; the best round counts.
+server, the server process's CPU time per text (steadier than throughput on a shared machine), and the ratios
+within this run. Rounds alternate the order of the servers; the best round counts. The clients run in
+`--client-procs` processes (default 4): one Python client process saturates before the servers do.
 
 infinity-emb runs from its own virtual environment (it pins other versions than qembed):
     python -m venv /tmp/infvenv && /tmp/infvenv/bin/pip install torch==2.13.0 "infinity-emb[server,torch]"
