@@ -41,6 +41,34 @@ def test_batches_keep_order_and_drop_cancelled_inputs():
     assert dropped == 2 and len(seen) >= 3  # the second request needed more than one batch
 
 
+def test_short_inputs_are_not_padded_to_a_long_one_once_a_batch_is_worth_running():
+    """Queued requests of 8-token and 2-token inputs: the batcher merges requests but cuts between the
+    lengths (64 real tokens already make a batch), instead of padding the short inputs 4x."""
+    seen: list[list[int]] = []
+    gate = threading.Event()
+
+    def forward(batch):
+        gate.wait(timeout=30)
+        seen.append([len(s) for s in batch])
+        return [len(s) for s in batch]
+
+    async def scenario():
+        worker = ModelWorker()
+        batcher = Batcher(worker, collate=lambda seqs: seqs, forward=forward, max_batch_tokens=4096)
+        held = batcher.submit([[1]])  # runs first, held at the gate while the others queue
+        await asyncio.sleep(0.2)
+        jobs = [batcher.submit([[2] * 8] * 4), batcher.submit([[3] * 2] * 8), batcher.submit([[4] * 8] * 4)]
+        gate.set()
+        results = await asyncio.gather(held.future, *(job.future for job in jobs))
+        batcher.stop()
+        worker.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert results == [[1], [8] * 4, [2] * 8, [8] * 4]
+    assert sorted(seen[1:]) == [[2] * 8, [8] * 8]  # requests merged, lengths not mixed
+
+
 def test_library_app_health_is_503_until_the_model_is_loaded(tiny_embedder_path, one_torch_thread):
     """`create_app` with a loader: /health and /v1 routes answer 503 (error shape) until it has loaded;
     with `auto_truncate=False` an input over `max_input_tokens` is a 400, not silently cut."""

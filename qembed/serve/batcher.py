@@ -25,6 +25,12 @@ from qembed.models.batching import token_budget_batches
 log = logging.getLogger(__name__)
 
 SCAN_LIMIT = 4096  # pending inputs looked at when forming one batch
+#: Real tokens a served batch holds before it closes rather than pad a shorter input (the padding rule of
+#: `token_budget_batches`). Measured with bench/bench_serve.py on all-MiniLM-L6-v2, 64 clients x 1 query
+#: (about 9 tokens): at 256 every batch took all queued queries and padded them 2.5x to the longest, at 64
+#: padding fell to 1.2x and server CPU per text by 1.35x (32 was within noise of 64). Padding costs every
+#: layer; the per-batch overhead that a larger minimum amortises is worth only a few dozen tokens.
+MIN_BATCH_TOKENS = 64
 
 
 class ModelWorker:
@@ -84,12 +90,14 @@ class Batcher:
 
     `collate(seqs)` pads a batch (runs on the former thread); `forward(batch)` returns one result per row
     (runs on the model thread). `per_request=True` turns dynamic batching off: a batch holds inputs of
-    one request only (for comparisons).
+    one request only (for comparisons). `min_batch_tokens`: see `MIN_BATCH_TOKENS`.
     """
 
     def __init__(self, worker: ModelWorker, *, collate: Callable, forward: Callable, max_batch_tokens: int,
-                 metrics=None, name: str = "embed", per_request: bool = False) -> None:  # fmt: skip
+                 metrics=None, name: str = "embed", per_request: bool = False,
+                 min_batch_tokens: int = MIN_BATCH_TOKENS) -> None:  # fmt: skip
         self.worker, self.collate, self.forward = worker, collate, forward
+        self.min_batch_tokens = min_batch_tokens
         self.max_batch_tokens, self.metrics, self.name, self.per_request = max_batch_tokens, metrics, name, per_request
         self._pending: deque[tuple[Job, int]] = deque()
         self._cond = threading.Condition()
@@ -139,7 +147,7 @@ class Batcher:
                 continue
             window.append(item)
         lengths = [len(job.seqs[i]) for job, i in window]
-        batches = token_budget_batches(lengths, self.max_batch_tokens)
+        batches = token_budget_batches(lengths, self.max_batch_tokens, min_batch_tokens=self.min_batch_tokens)
         chosen = next(b for b in batches if 0 in b)  # the oldest input always goes in the next batch
         taken = [window[i] for i in sorted(chosen)]
         taken_ids = {(id(job), i) for job, i in taken}
