@@ -27,18 +27,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", metavar="YAML", help="configuration file (flags override it)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--dry-run", action="store_true", help="print the plan (done / will run / will rerun) only")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any configuration key, e.g. --set train.lr=5e-5 (value parsed as YAML)")  # fmt: skip
     p.add_argument("--model", metavar="M", help="base embedder (folder or hub id)")
     p.add_argument("--output", metavar="DIR", help="run folder (an existing one is resumed)")
     add_list(p, "--compare-model", metavar="M", help="more embedders measured as baselines")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the split, mining samples and training (default: 0)")
     src = p.add_argument_group("data source (exactly one)")
     add_list(src, "--qa", metavar="FILE", help="QA pairs files (JSON array, JSONL or CSV)")
     src.add_argument("--question-field", metavar="NAME", help="field of the question in the QA files")
     src.add_argument("--answer-field", metavar="NAME", help="field of the answer in the QA files")
     src.add_argument("--encoding", help="text encoding of the QA files (default: utf-8)")
-    src.add_argument("--format", choices=["json", "jsonl", "csv"])
+    src.add_argument("--format", choices=["json", "jsonl", "csv"], help="format of the QA files (default: from the extension)")
     src.add_argument("--corpus", metavar="FILE", help="documents; an LLM writes the queries")
     src.add_argument("--text-field", metavar="NAME", help="text field of a JSONL corpus (default: text)")
     src.add_argument("--llm-base-url", metavar="URL", help="OpenAI-compatible server that writes the queries")
@@ -59,7 +59,7 @@ def overrides(args) -> dict:
         value = getattr(args, flag)
         if value is not None:
             set_dotted(update, key, value)
-    for item in args.set:
+    for item in args.set or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise QembedError(f"--set expects KEY=VALUE, got {item!r}")
