@@ -59,6 +59,7 @@ def _test_metrics(summary: dict) -> dict:
 def test_every_stage_runs_and_best_reproduces_the_report(full_run, minilm_path):
     from qembed import Embedder
     from qembed.eval import evaluate
+    from qembed.models.prompts import QueryFormat
 
     out, stdout = full_run
     assert "plan (" in stdout and stdout.index("plan (") < stdout.index("== data ==")
@@ -79,7 +80,8 @@ def test_every_stage_runs_and_best_reproduces_the_report(full_run, minilm_path):
 
     # best/ reproduces the reported test figures exactly, from a fresh cache
     emb = Embedder.from_pretrained(out / "best", device="cpu")
-    fresh = evaluate(emb, out / "data" / "beir", split="test", instruction=choice["instruction"],
+    query_format = QueryFormat(choice["query_format"], choice["instruction"] or "")
+    fresh = evaluate(emb, out / "data" / "beir", split="test", instruction=query_format,
                      cache_dir=out.parent / "fresh-cache", show_progress=False)  # fmt: skip
     assert fresh[0]["metrics"] == choice["test"]
     base = _test_metrics(summary)[("base", "test", None)]
@@ -224,7 +226,8 @@ def _closed_port() -> int:
 
 
 @pytest.mark.parametrize("case", ["no source", "two sources", "missing field flag", "field not in file",
-                                  "unreachable LLM", "no test qrels", "unknown key", "wrong type"])  # fmt: skip
+                                  "unreachable LLM", "no test qrels", "unknown key", "wrong type",
+                                  "output is an input"])  # fmt: skip
 def test_bad_input_is_one_line_before_any_work(case, slice_args, minilm_path, tmp_path, capsys):
     qa = slice_args[slice_args.index("--qa") + 1]
     beir = tmp_path / "beir"
@@ -245,6 +248,8 @@ def test_bad_input_is_one_line_before_any_work(case, slice_args, minilm_path, tm
         "no test qrels": (["--dataset", str(beir)], "qrels/test.tsv not found"),
         "unknown key": (["--qa", qa, "--set", "train.learning_rate=1"], "unknown configuration key 'train.learning_rate'"),
         "wrong type": (["--qa", qa, "--set", "train.lr=fast"], "'train.lr' must be a number, got 'fast'"),
+        "output is an input": (["--qa", qa, "--question-field", "instruction", "--answer-field", "output",
+                                "--output", qa], f"--output {qa} is also --qa"),
     }[case]  # fmt: skip
     assert main(base + args) == 2
     err = capsys.readouterr().err.strip()

@@ -63,3 +63,23 @@ def test_given_test_split_keeps_train_away_from_its_positives():
     assert len(splits["dev"]) == 4 and not set(splits["dev"]) & set(splits["train"])
     with pytest.raises(QembedError, match="no train query"):
         carve_dev({"a": {"d1": 1}}, test)
+
+
+def test_train_carves_its_dev_split_the_same_way(tmp_path):
+    """`qembed train`'s dev split of a folder without qrels/dev.tsv is `carve_dev`: queries sharing a positive
+    stay on one side, and none shares a positive with a test query."""
+    from qembed.data.beir import write_beir
+    from qembed.train.evalsplit import load_eval_dataset
+
+    # 40 train queries in pairs sharing a document (q2i, q2i+1 -> d_i); t0 is a test query on d0
+    train = {f"q{i}": {f"d{i // 2}": 1} for i in range(40)}
+    test = {"t0": {"d0": 1}}
+    corpus = {f"d{i}": f"document {i}" for i in range(20)}
+    write_beir(tmp_path, corpus, {q: f"question {q}" for q in [*train, *test]}, {"train": train, "test": test})
+    for seed in range(5):
+        dev = load_eval_dataset(tmp_path, "dev", seed=seed)
+        assert set(dev.queries) == set(carve_dev(train, test, SplitSizes(dev_fraction=0.1, max_dev=1000), seed=seed)["dev"])
+        assert 4 <= len(dev.queries) <= 5 and not {"q0", "q1"} & set(dev.queries)  # q0, q1 share d0 with t0
+        for qid in dev.queries:
+            partner = f"q{int(qid[1:]) ^ 1}"
+            assert partner in dev.queries  # the pair sharing a document is never divided

@@ -7,6 +7,7 @@ import logging
 
 import yaml
 
+from qembed.cli.common import add_list, add_progress_args, check_output
 from qembed.errors import QembedError
 
 # flag -> configuration key (every key can also be set with --set KEY=VALUE or in the --config file)
@@ -26,27 +27,27 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", metavar="YAML", help="configuration file (flags override it)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--dry-run", action="store_true", help="print the plan (done / will run / will rerun) only")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any configuration key, e.g. --set train.lr=5e-5 (value parsed as YAML)")  # fmt: skip
-    p.add_argument("--model", help="base embedder (folder or hub id)")
-    p.add_argument("--output", help="run folder")
-    p.add_argument("--compare-model", action="append", help="another embedder measured as a baseline")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--model", metavar="M", help="base embedder (folder or hub id)")
+    p.add_argument("--output", metavar="DIR", help="run folder (an existing one is resumed)")
+    add_list(p, "--compare-model", metavar="M", help="more embedders measured as baselines")
+    p.add_argument("--seed", type=int, help="seed of the split, mining samples and training (default: 0)")
     src = p.add_argument_group("data source (exactly one)")
-    src.add_argument("--qa", action="append", metavar="FILE", help="QA pairs file (repeatable)")
-    src.add_argument("--question-field")
-    src.add_argument("--answer-field")
-    src.add_argument("--encoding")
-    src.add_argument("--format", choices=["json", "jsonl", "csv"])
+    add_list(src, "--qa", metavar="FILE", help="QA pairs files (JSON array, JSONL or CSV)")
+    src.add_argument("--question-field", metavar="NAME", help="field of the question in the QA files")
+    src.add_argument("--answer-field", metavar="NAME", help="field of the answer in the QA files")
+    src.add_argument("--encoding", help="text encoding of the QA files (default: utf-8)")
+    src.add_argument("--format", choices=["json", "jsonl", "csv"], help="format of the QA files (default: from the extension)")
     src.add_argument("--corpus", metavar="FILE", help="documents; an LLM writes the queries")
-    src.add_argument("--text-field")
-    src.add_argument("--llm-base-url")
-    src.add_argument("--llm-model")
-    src.add_argument("--api-key-env")
+    src.add_argument("--text-field", metavar="NAME", help="text field of a JSONL corpus (default: text)")
+    src.add_argument("--llm-base-url", metavar="URL", help="OpenAI-compatible server that writes the queries")
+    src.add_argument("--llm-model", metavar="NAME", help="model name sent to that server")
+    src.add_argument("--api-key-env", metavar="VAR", help="environment variable holding its API key")
     src.add_argument("--dataset", metavar="BEIR_DIR", help="a BEIR folder with train and test qrels")
-    p.add_argument("--reranker", help="reranker to fine-tune and evaluate retrieve-then-rerank")
+    p.add_argument("--reranker", metavar="M", help="reranker to fine-tune and evaluate retrieve-then-rerank")
     p.add_argument("--retention-dataset", metavar="BEIR_DIR", help="general-domain set evaluated at the end")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_args(p)
     p.set_defaults(func=run)
 
 
@@ -58,7 +59,7 @@ def overrides(args) -> dict:
         value = getattr(args, flag)
         if value is not None:
             set_dotted(update, key, value)
-    for item in args.set:
+    for item in args.set or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise QembedError(f"--set expects KEY=VALUE, got {item!r}")
@@ -78,9 +79,12 @@ def run(args) -> int:
         print(dump(cfg))
         return 0
     check_config(cfg, check_sources=False)
+    data, ev = cfg["data"], cfg["eval"]
+    check_output(cfg["output"], qa=data["qa"], corpus=data["corpus"], dataset=data["dataset"],
+                 retention_dataset=ev["retention_dataset"])  # fmt: skip
     # repeated instruction settings (a model without a default instruction) are skipped; no need to say so
     logging.getLogger("qembed.eval.evaluate").setLevel(logging.ERROR)
-    pipeline = build_pipeline(cfg, show_progress=False if args.no_progress else None)
+    pipeline = build_pipeline(cfg)
     plan = pipeline.plan()
     print(pipeline.format_plan(), flush=True)
     if args.dry_run:

@@ -64,23 +64,28 @@ def query_groups(qrels: Qrels) -> list[list[str]]:
     return sorted(groups.values(), key=lambda g: g[0])
 
 
+def take_groups(qrels: Qrels, size: int, *, seed: int = 0) -> tuple[Qrels, Qrels]:
+    """`(taken, rest)`: whole groups of `qrels` (`query_groups`), in a seeded order, go to `taken` until it
+    holds at least `size` queries (so it exceeds `size` by less than one group); the rest to `rest`."""
+    groups = query_groups(qrels)
+    random.Random(seed).shuffle(groups)
+    taken: Qrels = {}
+    rest: Qrels = {}
+    for group in groups:
+        part = taken if len(taken) < size else rest
+        for qid in group:
+            part[qid] = qrels[qid]
+    return taken, rest
+
+
 def split_queries(qrels: Qrels, sizes: SplitSizes = SplitSizes(), *, seed: int = 0) -> dict[str, Qrels]:
     """`{"train", "dev", "test"}` qrels: disjoint, groups of queries sharing a positive kept together,
     the same for the same seed. Sizes are met as closely as whole groups allow (never exceeded by more
     than one group)."""
-    groups = query_groups(qrels)
     dev_target, test_target = sizes.targets(len(qrels))
-    random.Random(seed).shuffle(groups)
-    splits: dict[str, Qrels] = {"train": {}, "dev": {}, "test": {}}
-    for group in groups:
-        if len(splits["test"]) < test_target:
-            name = "test"
-        elif len(splits["dev"]) < dev_target:
-            name = "dev"
-        else:
-            name = "train"
-        for qid in group:
-            splits[name][qid] = qrels[qid]
+    test, rest = take_groups(qrels, test_target, seed=seed)
+    dev, train = take_groups(rest, dev_target, seed=seed)
+    splits = {"train": train, "dev": dev, "test": test}
     for name in ("train", "test"):
         if not splits[name]:
             raise QembedError(f"no {name} queries: {len(qrels)} queries are too few for the split")
@@ -89,22 +94,17 @@ def split_queries(qrels: Qrels, sizes: SplitSizes = SplitSizes(), *, seed: int =
 
 def carve_dev(train: Qrels, test: Qrels, sizes: SplitSizes = SplitSizes(), *, seed: int = 0) -> dict[str, Qrels]:
     """For a dataset with given train and test qrels: drop train queries that are also test queries or share
-    a positive with one, then take dev from the rest (whole groups). Returns train / dev / test."""
+    a positive with one, then take dev from the rest (whole groups; at least one query unless
+    `sizes.dev_fraction` is 0). Returns train / dev / test. The dev split `qembed train` carves and `qembed
+    adapt`'s split of a BEIR folder are both this."""
     test_pos = {d for judged in test.values() for d, g in judged.items() if g > 0}
     kept = {q: j for q, j in train.items() if q not in test and not test_pos & {d for d, g in j.items() if g > 0}}
     if not kept:
-        raise QembedError("no train query is left once those sharing a positive with a test query are removed")
-    n = len(kept)
-    dev_target = round(sizes.dev_fraction * n)
+        raise QembedError("no train query is left once those that are test queries or share a positive with one "
+                          "are removed")  # fmt: skip
+    dev_target = max(1, round(sizes.dev_fraction * len(kept))) if sizes.dev_fraction > 0 else 0
     dev_target = min(dev_target, sizes.max_dev) if sizes.max_dev is not None else dev_target
-    groups = query_groups(kept)
-    random.Random(seed).shuffle(groups)
-    dev: Qrels = {}
-    rest: Qrels = {}
-    for group in groups:
-        target = dev if len(dev) < dev_target else rest
-        for qid in group:
-            target[qid] = kept[qid]
+    dev, rest = take_groups(kept, dev_target, seed=seed)
     if not rest:
         raise QembedError(f"no train queries left after taking {len(dev)} dev queries")
     return {"train": rest, "dev": dev, "test": test}

@@ -14,10 +14,12 @@ import math
 import shutil
 from pathlib import Path
 
-from qembed.data.beir import read_corpus, read_qrels, read_queries, write_beir
+from qembed.data.beir import read_qrels, read_queries, write_beir
+from qembed.data.corpus import read_corpus
 from qembed.data.splits import SplitSizes, carve_dev, split_queries
 from qembed.errors import QembedError
-from qembed.eval.evaluate import MODEL_DEFAULT, evaluate
+from qembed.eval.evaluate import evaluate
+from qembed.models.prompts import MODEL_DEFAULT
 from qembed.recipes.adapt_config import source_of
 from qembed.recipes.stages import Pipeline, Stage
 
@@ -43,7 +45,7 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
         summary: dict = {"source": source_of(cfg)}
         if summary["source"] == "dataset":
             src = Path(data["dataset"])
-            corpus, queries = read_corpus(src / "corpus.jsonl"), read_queries(src / "queries.jsonl")
+            corpus, queries = read_corpus(src, keep_blank=True), read_queries(src / "queries.jsonl")
             train, test = ({q: j for q, j in read_qrels(src / "qrels" / f"{name}.tsv").items() if q in queries}
                            for name in ("train", "test"))  # fmt: skip
             qrels = carve_dev(train, test, sizes, seed=cfg["seed"])
@@ -82,19 +84,16 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
         print(f"trained {result.steps} steps; last loss {result.losses[-1]:.4f}" if result.losses else "trained")
 
     def stage_merge(folder: Path) -> None:
-        from qembed import Embedder
         from qembed.merge import merge_models
+        from qembed.models.loading import resolve_model_dir
 
-        # Workaround (until merge handles it): the base folder can hold buffers a qembed-saved model lacks
-        # (MiniLM's `embeddings.position_ids`), so the base is re-saved by qembed and merged on parameters.
-        Embedder.from_pretrained(base, device="cpu").save_pretrained(folder / "base")
+        base_dir = resolve_model_dir(base)
         curve = []
         for t in map(float, cfg["merge"]["t"]):
-            path = merge_models([folder / "base", out / "train" / "model"], folder / f"t{t}", method="slerp", t=t)
+            path = merge_models([base_dir, out / "train" / "model"], folder / f"t{t}", method="slerp", t=t)
             for entry in run_eval([str(path)], "dev", None):
-                curve.append({"t": t, "instruction": entry["instruction"], "metrics": entry["metrics"]})
+                curve.append({"t": t, **{key: entry[key] for key in ("instruction", "query_format", "metrics")}})
         best = max(curve, key=lambda c: (c["metrics"][ev["metric"]], c["t"]))
-        shutil.rmtree(folder / "base")
         (folder / "curve.json").write_text(json.dumps({"best_t": best["t"], "curve": curve}, indent=2))
         print("dev " + ev["metric"] + " by t: " + ", ".join(f"{c['t']}: {100 * c['metrics'][ev['metric']]:.2f}"
                                                              for c in curve) + f"; best t = {best['t']}")  # fmt: skip
@@ -177,7 +176,6 @@ def _qa_source(cfg: dict, folder: Path, summary: dict):
 
 def _llm_source(cfg: dict, folder: Path, summary: dict):
     """Documents + an LLM -> `synthesize_corpus` (appends, resumable) then `filter_file` with the base model."""
-    from qembed.synth.corpus import read_corpus as read_documents
     from qembed.synth.filter import filter_file
     from qembed.synth.generate import SynthConfig, synthesize_corpus
     from qembed.synth.llm import OpenAIChat, RetryPolicy
@@ -197,8 +195,7 @@ def _llm_source(cfg: dict, folder: Path, summary: dict):
     report = filter_file(folder / "synth.jsonl", folder / "filtered.jsonl", cfg["model"],
                          threshold=syn["filter_threshold"])  # fmt: skip
     summary.update(synth_written=stats.done, synth_failed=stats.failed, filter_kept=report.kept)
-    docs = read_documents(data["corpus"], text_field=data["text_field"], limit=syn["limit"])
-    corpus = {d.doc_id: {"title": "", "text": d.text} for d in docs}
+    corpus = read_corpus(data["corpus"], text_field=data["text_field"], limit=syn["limit"])
     queries, qrels = {}, {}
     for record in (json.loads(line) for line in (folder / "filtered.jsonl").read_text().splitlines() if line):
         queries[record["query_id"]] = record["query"]

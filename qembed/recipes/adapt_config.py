@@ -11,6 +11,9 @@ from typing import Any
 import yaml
 
 from qembed.errors import QembedError
+from qembed.negatives import MiningConfig
+
+MINING = MiningConfig()
 
 # (default, comment) leaves; nested dicts are sections. The defaults and how they were chosen: README,
 # section "Adapt a model to your domain".
@@ -47,12 +50,12 @@ SPEC: dict[str, Any] = {
         "embed_model": (None, "embedder matching personas to documents (default: the base model)"),
         "filter_threshold": (0.7, "keep a written query when its cosine to the document, by the base model, is above this"),
     },
-    "negatives": {
-        "num_negatives": (5, "hard negatives mined per train query"),
-        "range_min": (20, "candidates start at this rank (0-based)"),
-        "range_max": (50, "and end before this rank"),
-        "max_score": (0.8, "drop candidates scoring above this (likely unjudged positives)"),
-        "margin": (0.1, "drop candidates scoring above positive score minus this"),
+    "negatives": {  # the `qembed mine` defaults
+        "num_negatives": (MINING.num_negatives, "hard negatives mined per train query"),
+        "range_min": (MINING.range_min, "candidates start at this rank (0-based)"),
+        "range_max": (MINING.range_max, "and end before this rank"),
+        "max_score": (MINING.max_score, "drop candidates scoring above this (likely unjudged positives)"),
+        "margin": (MINING.margin, "drop candidates scoring above positive score minus this"),
     },
     "train": {
         "lora": (None, "true: LoRA adapters; false: full fine-tuning; null: LoRA above 300M parameters"),

@@ -15,9 +15,16 @@ def _load(path: Path, default=None):
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else default
 
 
+MODES = {"none": "no instruction", "instruction": "instruction", "prompt": "query prompt"}
+
+
+def _mode(entry: dict) -> str:
+    """How an evaluation formatted its queries (`query_format` of `qembed.eval.evaluate`'s results)."""
+    return MODES[entry["query_format"]]
+
+
 def _label(entry: dict) -> str:
-    mode = "no instruction" if entry["instruction"] is None else "instruction"
-    return f"{entry['variant']} · {mode}"
+    return f"{entry['variant']} · {_mode(entry)}"
 
 
 def results_table(entries: list[dict], columns: list[str]) -> str:
@@ -76,10 +83,9 @@ def plot_merge(curve: list[dict], metric: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    for instruction in dict.fromkeys(c["instruction"] for c in curve):
-        points = [(c["t"], 100 * c["metrics"][metric]) for c in curve if c["instruction"] == instruction]
-        label = "no instruction" if instruction is None else "instruction"
-        ax.plot(*zip(*points), marker="o", label=label)
+    for mode in dict.fromkeys(c["query_format"] for c in curve):
+        points = [(c["t"], 100 * c["metrics"][metric]) for c in curve if c["query_format"] == mode]
+        ax.plot(*zip(*points), marker="o", label=MODES[mode])
     ax.set_xlabel("slerp t (0 = base, 1 = fine-tuned)")
     ax.set_ylabel(f"dev {metric} (%)")
     ax.set_title("Merge weight chosen on dev")
@@ -96,7 +102,7 @@ def recommend(results: list[dict], metric: str) -> dict:
     test = next(r for r in results if r["set"] == "test" and r["variant"] == best["variant"]
                 and r["instruction"] == best["instruction"])  # fmt: skip
     return {"variant": best["variant"], "model": best["model"], "instruction": best["instruction"],
-            "reranker": best["reranker"], "dev": best["metrics"], "test": test["metrics"]}  # fmt: skip
+            "query_format": best["query_format"], "reranker": best["reranker"], "dev": best["metrics"], "test": test["metrics"]}  # fmt: skip
 
 
 def write_report(cfg: dict, out: Path, seconds: dict[str, float]) -> dict:
@@ -145,7 +151,7 @@ def write_report(cfg: dict, out: Path, seconds: dict[str, float]) -> dict:
         "## Recommendation",
         "",
         f"Deploy **{choice['variant']}** "
-        + ("with the model's default query instruction" if choice["instruction"] is not None else "without a query instruction")
+        + ("without a query instruction" if choice["query_format"] == "none" else f"with the model's own {_mode(choice)}")
         + f" (best dev {metric}: {100 * choice['dev'][metric]:.2f}; test {metric}: {100 * choice['test'][metric]:.2f},"
         f" recall@5: {100 * choice['test'].get('recall@5', float('nan')):.2f}). It is copied to `best/`:",
         "",
@@ -169,7 +175,7 @@ def write_report(cfg: dict, out: Path, seconds: dict[str, float]) -> dict:
     lines += ["## Training", ""]
     lines += ["![training](training.png)", ""] if has_training else ["(no training log)", ""]
     lines += [f"## Merge weight (dev {metric})", "", "| t | instruction | " + f"dev {metric} |", "|---:|---|---:|"]
-    lines += [f"| {c['t']} | {'none' if c['instruction'] is None else 'default'} | {100 * c['metrics'][metric]:.2f} |"
+    lines += [f"| {c['t']} | {_mode(c)} | {100 * c['metrics'][metric]:.2f} |"
               for c in merge["curve"]]  # fmt: skip
     lines += ["", f"Chosen: t = {merge['best_t']}.", "", "![merge t](merge_t.png)", "", "## Time per stage", "",
               "| stage | wall (s) | CPU (s) |", "|---|---:|---:|"]  # fmt: skip
