@@ -104,7 +104,7 @@ def test_mismatches_raise_clear_errors(pair, tiny_embedder_path, tiny_reranker_p
     proc = subprocess.run([sys.executable, "-m", "qembed", "merge", "--models",
                            f"{tiny_embedder_path},{tiny_reranker_path}", "--output", str(tmp_path / "cli")], cwd=ROOT,
                           capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 2 and "different architectures" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "parameter names differ" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_lora_adapter_is_merged_into_base_first(tiny_reranker_path, tmp_path):

@@ -101,20 +101,17 @@ def test_eval_records_quantize(tiny_embedder_path, tmp_path, one_torch_thread):
     assert "int8" in (tmp_path / "out" / "report.md").read_text()
 
 
-#: all-MiniLM-L6-v2 fp32 on NFCorpus test (exact search, title + text): nDCG@10 = 31.73, asserted to 31.7 +- 0.3
-#: by tests/test_eval_evaluate.py::test_nfcorpus_minilm_matches_published_and_backends_agree and in the README.
-MINILM_NFCORPUS_FP32_NDCG10 = 0.3173
-
-
 @pytest.mark.slow
 def test_int8_minilm_nfcorpus_within_half_a_point_of_fp32(shared_dir, minilm_path, tmp_path):
-    # NOTE (h-fast): written as the issue asks but not yet seen to finish: at load 12-15 on the shared machine
-    # the 3,633-document encode would have taken over an hour. Run it once on a quiet machine before merging.
     from qembed.eval import evaluate
 
-    emb = Embedder.from_pretrained(minilm_path, quantize="int8")
-    run = evaluate(emb, shared_dir / "data" / "nfcorpus", instruction=None, cache_dir=tmp_path, k=[10])[0]
-    assert run["num_docs"] == 3633 and run["num_queries"] == 323 and run["quantize"] == "int8"
-    ndcg = run["metrics"]["ndcg@10"]
-    print(f"all-MiniLM-L6-v2 int8 NFCorpus nDCG@10 = {100 * ndcg:.2f} (fp32 {100 * MINILM_NFCORPUS_FP32_NDCG10:.2f})")
-    assert abs(ndcg - MINILM_NFCORPUS_FP32_NDCG10) <= 0.005, ndcg
+    ndcg = {}
+    for quantize in (None, "int8"):
+        emb = Embedder.from_pretrained(minilm_path, quantize=quantize)
+        run = evaluate(emb, shared_dir / "data" / "nfcorpus", instruction=None, cache_dir=tmp_path, k=[10],
+                       show_progress=False)[0]  # fmt: skip
+        assert run["num_docs"] == 3633 and run["num_queries"] == 323 and run["quantize"] == quantize
+        ndcg[quantize] = run["metrics"]["ndcg@10"]
+    print(f"all-MiniLM-L6-v2 NFCorpus nDCG@10: int8 {100 * ndcg['int8']:.2f}, fp32 {100 * ndcg[None]:.2f}")
+    assert abs(ndcg[None] - 0.3159) <= 0.003  # the MTEB leaderboard figure (linear gain)
+    assert abs(ndcg["int8"] - ndcg[None]) <= 0.005, ndcg
