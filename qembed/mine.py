@@ -42,7 +42,6 @@ from qembed.negatives import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT = MODEL_DEFAULT  # the name `qembed.cli.mine` imports
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -50,12 +50,13 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qembed.errors import QembedError
-    from qembed.mine import DEFAULT, mine_hard_negatives
+    from qembed.mine import mine_hard_negatives
+    from qembed.models.prompts import MODEL_DEFAULT
 
     if (args.reranker is None) != (args.reranker_max_score is None):
         raise QembedError("--reranker and --reranker-max-score go together")
     instruction = (
-        None if args.no_instruction else (args.instruction if args.instruction is not None else DEFAULT)
+        None if args.no_instruction else (args.instruction if args.instruction is not None else MODEL_DEFAULT)
     )
     check_output(args.output, input=args.input, corpus=args.corpus)
     result = mine_hard_negatives(

@@ -11,6 +11,7 @@ import torch
 
 from qembed.errors import QembedError
 from qembed.models.layout import write_record
+from qembed.models.prompts import MODEL_DEFAULT
 from qembed.train import distributed
 from qembed.train.config import EVAL_KS, EVAL_METRICS
 from qembed.train.contrastive import LossConfig, contrastive_backward
@@ -125,8 +126,7 @@ def train_embedder(cfg: TrainConfig, *, on_step=None) -> TrainResult:
         ids: list[list[int] | None] = [None] * len(queries)
         for instruction in set(instructions):
             rows = [i for i, ins in enumerate(instructions) if ins == instruction]
-            chosen = instruction or emb.default_instruction
-            prepared = emb.prepare([queries[i] for i in rows], instruction=chosen, prompt=emb.query_prompt)
+            prepared = emb.prepare([queries[i] for i in rows], instruction=instruction or MODEL_DEFAULT)
             for i, row_ids in zip(rows, prepared):
                 ids[i] = row_ids
         return ids
