@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 install-test:
 	$(TORCH)
-	$(PIP) install -e ".[test,demo,milvus,serve]"
+	$(PIP) install -e ".[test,demo,milvus,serve,cpu-fast]"
 	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
 
 demo: $(STAMP)

@@ -4,6 +4,7 @@ reranker yes/no), caches that never mix int8 and fp32 vectors, the CLI flag, and
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -27,19 +28,21 @@ def embedders(tiny_embedder_path):
 def test_int8_vectors_close_to_fp32_with_the_same_semantics(embedders, one_torch_thread):
     fp32, int8 = embedders
     assert int8.quantize == "int8" and fp32.quantize is None
-    assert "QuantizedLinear" in repr(int8.model) and "QuantizedLinear" not in repr(fp32.model)
+    assert type(int8.inference_model).__name__ == "OpenVINOEncoder" and fp32.inference_model is None
     for encode in ("encode_queries", "encode_documents"):
         want, got = getattr(fp32, encode)(TEXTS), getattr(int8, encode)(TEXTS)
         assert got.dtype == np.float32 and got.shape == want.shape
         assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
         assert (got * want).sum(axis=1).min() >= 0.99
     # instructions: the same template as fp32 (a query with its instruction == that text embedded bare)
-    queries = int8.encode_queries(TEXTS, batch_tokens=1)  # one text per batch: no batch effect in the comparison
-    bare = int8.encode([format_query(t, int8.default_instruction) for t in TEXTS], batch_tokens=1)
+    queries = int8.encode_queries(TEXTS)
+    bare = int8.encode([format_query(t, int8.default_instruction) for t in TEXTS])
     assert np.allclose(queries, bare, atol=1e-6)
-    assert not np.allclose(queries, int8.encode(TEXTS, batch_tokens=1), atol=1e-3)
+    assert not np.allclose(queries, int8.encode(TEXTS), atol=1e-3)
+    # static scales: a vector does not depend on the texts sharing its batch
+    assert np.allclose(int8.encode(TEXTS, batch_tokens=1), int8.encode(TEXTS), atol=1e-5)
     # Matryoshka: the first 32 components re-normalised, as in fp32
-    full, small = int8.encode(TEXTS, batch_tokens=1), int8.encode(TEXTS, dim=32, batch_tokens=1)
+    full, small = int8.encode(TEXTS), int8.encode(TEXTS, dim=32)
     head = full[:, :32] / np.linalg.norm(full[:, :32], axis=1, keepdims=True)
     assert small.shape == (len(TEXTS), 32) and np.allclose(small, head, atol=1e-5)
     assert (small * fp32.encode(TEXTS, dim=32)).sum(axis=1).min() >= 0.99
@@ -55,6 +58,25 @@ def test_cache_never_mixes_int8_and_fp32(embedders, tmp_path, one_torch_thread):
     assert not np.array_equal(got, want)
     assert np.array_equal(encode_with_cache(int8, TEXTS, cache_dir=tmp_path, stats=third), got)
     assert third.encoded == 0  # ... but int8 reuses its own
+
+
+def test_int8_on_minilm_and_without_the_extra(minilm_path, tmp_path, monkeypatch, capsys, one_torch_thread):
+    """A BERT-style encoder (mean pooling, right padding) takes the same path; an int8 embedder cannot be saved
+    (it is for inference); without OpenVINO/NNCF the error is one line naming the `cpu-fast` extra."""
+    fp32, int8 = Embedder.from_pretrained(minilm_path), Embedder.from_pretrained(minilm_path, quantize="int8")
+    want, got = fp32.encode(TEXTS[:3]), int8.encode(TEXTS[:3])
+    assert (got * want).sum(axis=1).min() >= 0.98
+    with pytest.raises(QembedError, match="inference only"):
+        int8.save_pretrained(tmp_path / "int8")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what an environment without the extra sees
+    with pytest.raises(QembedError, match=r"pip install 'qembed\[cpu-fast\]'"):
+        Embedder.from_pretrained(minilm_path, quantize="int8")
+    docs = tmp_path / "docs.txt"
+    docs.write_text("rice\n", encoding="utf-8")
+    assert main(["embed", "--model", str(minilm_path), "--input", str(docs), "--output", str(tmp_path / "x.npy"),
+                 "--quantize", "int8"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "cpu-fast" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_int8_reranker_keeps_yes_no_scoring(tiny_reranker_path, one_torch_thread):

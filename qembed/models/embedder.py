@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qembed.errors import QembedError
 from qembed.models import prompts
 from qembed.models.batching import BatchDefaults, default_batching, pad_batch, token_budget_batches
 from qembed.models.layout import (
@@ -38,7 +39,7 @@ from qembed.models.loading import (
     write_sentence_transformers_files,
 )
 from qembed.models.prompts import MODEL_DEFAULT, QueryFormat
-from qembed.models.quantize import check_quantize, quantize_linear_layers
+from qembed.models.quantize import check_quantize
 from qembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ def check_texts(texts: Sequence[str]) -> list[str]:
 class Embedder:
     """Turns texts into float32 vectors; load with `Embedder.from_pretrained(name_or_path)`."""
 
-    quantize: str | None = None  # "int8" when the Linear layers run quantised (part of `fingerprint`)
+    quantize: str | None = None  # "int8" when inference runs the int8 OpenVINO model (part of `fingerprint`)
+    inference_model = None  # that model (`qembed.models.openvino.OpenVINOEncoder`); None: `model` itself
 
     def __init__(self, model, tokenizer, info: SentenceTransformersInfo, *, model_dir: Path, name_or_path: str,
                  max_length: int, device: torch.device) -> None:  # fmt: skip
@@ -119,7 +121,8 @@ class Embedder:
                         trust_remote_code: bool = False, quantize: str | None = None) -> Embedder:  # fmt: skip
         """Load from a local folder or a hub id (sentence-transformers or plain transformers layout): the base
         model (no head; the class a qembed export records), refusing weights that would be randomly initialised.
-        `quantize="int8"` runs the Linear layers in int8 on the CPU (see `qembed.models.quantize`)."""
+        `quantize="int8"` runs inference in int8 with OpenVINO on the CPU (`qembed.models.openvino`; needs the
+        `cpu-fast` extra)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         model_dir = resolve_model_dir(name_or_path)
@@ -132,16 +135,29 @@ class Embedder:
         model = load_weights(backbone, model_dir, expected="an embedding model with all of its weights",
                              dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code)  # fmt: skip
         model.to(device).eval()
-        quantize_linear_layers(model.base_model, quantize, getattr(config, "intermediate_size", None))
         embedder = cls(model, tokenizer, info, model_dir=model_dir, name_or_path=str(name_or_path),
                        max_length=max_length, device=device)  # fmt: skip
-        if quantize:  # quantised vectors never share a cache entry or an index with fp32 ones
-            embedder.quantize, embedder.fingerprint = quantize, f"{embedder.fingerprint}-{quantize}"
+        if quantize:
+            embedder._quantize_int8()
         return embedder
+
+    def _quantize_int8(self) -> None:
+        """Switch inference to the int8 OpenVINO model (`qembed.models.openvino`), calibrated on the built-in
+        texts as documents and as queries; the fp32 weights are released."""
+        from qembed.models.openvino import CALIBRATION_TEXTS, quantize_to_openvino
+
+        texts = list(CALIBRATION_TEXTS)
+        token_ids = self.prepare(texts, prompt=self.document_prompt) + self.prepare(texts, instruction=MODEL_DEFAULT)
+        self.inference_model = quantize_to_openvino(self.model, [self.collate([ids]) for ids in token_ids])
+        self.model.to("meta")
+        # int8 vectors never share a cache entry or an index with fp32 ones
+        self.quantize, self.fingerprint = "int8", f"{self.fingerprint}-int8-openvino"
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save model, tokenizer, sentence-transformers files and `qembed.json`, keeping the tensor names and
         `architectures` of the folder it was loaded from; the folder loads back with `from_pretrained`."""
+        if self.quantize:
+            raise QembedError("an int8 embedder runs inference only: save the model loaded without quantize")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
@@ -210,7 +226,7 @@ class Embedder:
 
     def forward_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled, unnormalised embeddings `(batch, hidden)`; differentiable when grad is enabled."""
-        hidden = self.model(**batch).last_hidden_state
+        hidden = (self.inference_model or self.model)(**batch).last_hidden_state
         if self.pooling == "lasttoken":
             return hidden[:, -1]
         if self.pooling == "cls":

@@ -1,12 +1,11 @@
-"""The int8 CPU path: dynamic int8 quantisation of a model's Linear layers (PyTorch, no extra dependency).
+"""`quantize="int8"`: validation, and the reranker's int8 path (PyTorch dynamic quantisation).
 
-The model stays a transformers module, so everything else is unchanged: prompts, padding, pooling,
-Matryoshka, the reranker's yes/no logits and its key/value cache (shared-prefix reuse works in int8 too).
-Weights are int8 per output channel, activations are quantised per batch on the fly (so an int8 vector
-depends slightly on its batch); embeddings, norms, attention and the projections that write back into the
-residual stream (attention and feed-forward outputs) stay fp32. `bench/bench_embed.py` compares it with sentence-transformers' ONNX, ONNX int8 and OpenVINO backends
-(figures in the README): those runtimes were faster on the development machine, and an ONNX Runtime or
-OpenVINO backend for qembed (same pre- and post-processing around an exported graph) is the next step.
+Embedders run int8 inference in OpenVINO (`qembed.models.openvino`, the `cpu-fast` extra): measured fastest
+on the development CPU. The reranker keeps PyTorch: its shared-prefix path passes a key/value cache between
+forward passes, which an exported graph does not. Here the Linear layers that read from the residual stream
+get int8 weights (per output channel) and per-batch int8 activations; embeddings, norms, attention, the
+yes/no head and the projections that write back into the residual stream (attention and feed-forward
+outputs) stay fp32, so prompts, the key/value cache and the yes/no scoring are unchanged.
 """
 
 from __future__ import annotations

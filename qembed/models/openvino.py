@@ -1,0 +1,141 @@
+"""The int8 CPU path of the Embedder: the transformer exported to OpenVINO and quantised to int8 with NNCF.
+
+Chosen by measurement (`bench/bench_embed.py`, README "CPU fast paths"): on the development CPU (AVX-512
+VNNI and BF16, no AMX) OpenVINO ran all-MiniLM-L6-v2 3.8x faster than PyTorch fp32 (it computes in bf16
+where the CPU can), ONNX Runtime with dynamic int8 3.1x, PyTorch dynamic int8 1.9x; OpenVINO with weights
+*and* activations in int8 (static quantisation) about 1.5x faster again. Static quantisation needs sample
+activations: NNCF calibrates on `CALIBRATION_TEXTS`, a fixed built-in mix of queries and passages (English,
+Chinese, code, numbers) formatted exactly as the model sees them (query instruction, document prompt), so an
+int8 model is deterministic and does not depend on the batch it runs in.
+
+Only the transformer runs in OpenVINO; tokenising, padding, pooling, Matryoshka truncation and normalisation
+stay in `Embedder`, so the semantics are those of the fp32 path. Needs the `cpu-fast` extra.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+from contextlib import redirect_stderr, redirect_stdout
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from qembed.errors import QembedError
+
+CPU_FAST_HINT = "quantize='int8' needs OpenVINO and NNCF: pip install 'qembed[cpu-fast]'"
+
+#: Calibration samples: short queries and passages of varied length, languages and content.
+CALIBRATION_TEXTS = (
+    "how do I reset my password",
+    "best fertilizer for rice seedlings",
+    "what causes yellow leaves on tomato plants?",
+    "symptoms of vitamin D deficiency in adults",
+    "python sort list of dicts by key",
+    "latest quarterly revenue of the company",
+    "When was the Eiffel Tower built and how tall is it?",
+    "side effects of ibuprofen with alcohol",
+    "水稻纹枯病怎么防治？",
+    "玉米种植的最佳密度是多少",
+    "如何提高小麦的产量",
+    "Was ist der Unterschied zwischen Wetter und Klima?",
+    "¿Cuántos litros de agua necesita una vaca al día?",
+    "The Eiffel Tower was completed in 1889 for the World's Fair and stands about 330 metres tall.",
+    "Ibuprofen is a nonsteroidal anti-inflammatory drug. Combining it with alcohol increases the risk of "
+    "stomach bleeding, especially at high doses or with long-term use.",
+    "To reset your password, open Settings, choose Account, then Security, and follow the link we send to "
+    "your registered e-mail address. The link expires after 24 hours.",
+    "def sort_records(records: list[dict], key: str) -> list[dict]:\n    return sorted(records, key=lambda r: r[key])",
+    "Revenue for the third quarter was $4.2 billion, up 12% year over year, driven by subscription growth of "
+    "18% and a 3-point improvement in gross margin to 61.5%.",
+    "水稻纹枯病的防治应以农业防治为基础，合理密植，科学施肥，避免偏施氮肥；发病初期可选用井冈霉素、噻呋酰胺等药剂喷雾，"
+    "重点喷施植株中下部，间隔7到10天再喷一次。",
+    "玉米的种植密度应根据品种特性、土壤肥力和气候条件确定。一般紧凑型品种每亩4500至5000株，平展型品种每亩3500至4000株。",
+    "Vitamin D deficiency often goes unnoticed. Common symptoms include fatigue, bone pain, muscle weakness, "
+    "low mood and frequent infections. Severe deficiency can cause osteomalacia in adults. Blood levels below "
+    "20 ng/mL are generally considered deficient, and treatment usually involves oral supplements of "
+    "cholecalciferol together with dietary changes and safe sun exposure.",
+    "Climate describes the average weather of a region over decades, including temperature, precipitation "
+    "and wind patterns, while weather is the state of the atmosphere at a given time and place. A single cold "
+    "winter says little about the climate; a trend over thirty years of measurements does. Scientists use "
+    "long records from weather stations, satellites, ocean buoys and ice cores to describe how the climate "
+    "changes, and models of the atmosphere and oceans to project how it may change under different emission "
+    "scenarios. Regional effects differ: some areas see more intense rainfall, others longer droughts.",
+    "Tomato leaves turn yellow for several reasons. Nitrogen deficiency yellows the older, lower leaves first. "
+    "Overwatering starves roots of oxygen, while underwatering stresses the plant. Fungal diseases such as "
+    "early blight produce yellow patches with brown concentric rings, and fusarium wilt yellows leaves on one "
+    "side of the plant. Check the soil moisture, remove affected leaves, rotate crops each season and feed "
+    "with a balanced fertilizer. If the problem spreads quickly, send a sample to an extension laboratory.",
+    "Una vaca lechera adulta bebe entre 80 y 150 litros de agua al día, según la producción de leche, la "
+    "temperatura y la dieta. En verano el consumo puede aumentar un 50 %.",
+    "Error: connection refused (os error 111) at 127.0.0.1:8000 — retrying in 5 s [attempt 3/10]",
+    "| year | yield t/ha | rainfall mm |\n| 2021 | 6.8 | 1120 |\n| 2022 | 7.1 | 980 |\n| 2023 | 6.4 | 1310 |",
+)
+
+
+def check_cpu_fast() -> None:
+    """Raise a one-line `QembedError` naming the `cpu-fast` extra when OpenVINO or NNCF is missing."""
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError as exc:
+        raise QembedError(f"{CPU_FAST_HINT} ({exc})") from None
+
+
+class _HiddenStates(torch.nn.Module):
+    """The base model as a function of tensors to its last hidden states (what OpenVINO traces)."""
+
+    def __init__(self, model: torch.nn.Module, inputs: Sequence[str]):
+        super().__init__()
+        self.model, self.inputs = model, tuple(inputs)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(zip(self.inputs, tensors))
+        if "position_ids" in kwargs:  # a decoder: no key/value cache in the graph
+            kwargs["use_cache"] = False
+        return self.model(**kwargs).last_hidden_state
+
+
+class OpenVINOEncoder:
+    """A compiled int8 OpenVINO model called like a transformers base model: `encoder(**batch).last_hidden_state`
+    (a float32 CPU tensor)."""
+
+    def __init__(self, compiled, inputs: Sequence[str]):
+        self.compiled, self.inputs = compiled, tuple(inputs)
+
+    def __call__(self, **batch: torch.Tensor) -> SimpleNamespace:
+        feed = {name: batch[name].numpy() for name in self.inputs}
+        hidden = self.compiled(feed)[0]
+        return SimpleNamespace(last_hidden_state=torch.from_numpy(np.asarray(hidden, dtype=np.float32)))
+
+
+def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str, torch.Tensor]]) -> OpenVINOEncoder:
+    """Export `model` (a transformers base model, fp32 on the CPU) to OpenVINO and quantise its matrix
+    multiplications to int8 (weights per channel, activations with scales calibrated on `calibration`, a list
+    of collated batches); compiled for as many threads as torch uses."""
+    check_cpu_fast()
+    import nncf
+    import openvino as ov
+
+    inputs = list(calibration[0])
+    model.set_attn_implementation("eager")  # its additive mask never yields NaN on padded rows once traced
+    example = tuple(calibration[0][name] for name in inputs)
+    samples = nncf.Dataset([{name: batch[name].numpy() for name in inputs} for batch in calibration])
+    level = logging.getLogger("nncf").level
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    # tracing warnings and NNCF's progress bars are noise here; errors still raise
+    with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            graph = ov.convert_model(_HiddenStates(model, inputs), example_input=example)
+            for port, name in zip(graph.inputs, inputs):
+                port.get_tensor().set_names({name})
+            graph = nncf.quantize(graph, samples, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+        finally:
+            logging.getLogger("nncf").setLevel(level)
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())}
+    compiled = ov.Core().compile_model(graph, "CPU", config)
+    return OpenVINOEncoder(compiled, inputs)
