@@ -9,19 +9,24 @@ to qembed fp32's vectors. Variants are loaded one at a time (the 0.6B model is 2
 variant runs twice, in one order and then in the reverse order, and its best time counts.
 
     python bench/bench_embed.py [--models qwen3,minilm] [--qwen3-texts 27] [--repeats 1] [--st-batch-size 16]
+                                [--st-python /tmp/venv-st/bin/python]
 
-The ONNX and OpenVINO backends need optimum-onnx / optimum-intel, which pin transformers < 5: run the
-script with a separate environment that has them (e.g. a venv made with --system-site-packages plus
-`pip install "optimum-onnx[onnxruntime]" "optimum-intel[openvino]" "sentence-transformers<6" "transformers<5"`).
-Variants that cannot be loaded are reported and skipped.
+sentence-transformers' ONNX and OpenVINO backends need optimum-onnx / optimum-intel, which pin transformers < 5,
+while qembed's int8 path traces the model with the transformers qembed runs on. `--st-python` names the Python
+of a second environment that has them (e.g. a venv made with --system-site-packages plus
+`pip install "optimum-onnx[onnxruntime]" "optimum-intel[openvino]" "sentence-transformers<6" "transformers<5"`);
+those three variants then run there, in a worker process started by this script, timed inside the worker
+exactly like the others. Variants that cannot be loaded or run are reported and skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import machine_line, matmul_peak_flops, realistic_texts  # noqa: E402
+from common import ROOT, machine_line, matmul_peak_flops, realistic_texts  # noqa: E402
 
 from qembed import Embedder  # noqa: E402
 from qembed.testing import QWEN3_EMBEDDING_0_6B, build_qwen3_embedding, minilm_dir  # noqa: E402
@@ -87,6 +92,58 @@ def qembed_loader(model_dir: Path, quantize: str | None):
     return load
 
 
+VARIANTS = {  # name -> backend
+    ST_FP32: "torch",
+    'sentence-transformers backend="onnx"': "onnx",
+    "sentence-transformers ONNX int8 (avx512_vnni)": "onnx-int8",
+    'sentence-transformers backend="openvino"': "openvino",
+    "qembed fp32": "qembed-fp32",
+    "qembed int8": "qembed-int8",
+}
+OPTIMUM_BACKENDS = ("onnx", "onnx-int8", "openvino")  # sentence-transformers backends that need optimum
+
+
+def variant_loader(backend: str, model_dir: Path, batch_size: int):
+    if backend.startswith("qembed-"):
+        return qembed_loader(model_dir, "int8" if backend == "qembed-int8" else None)
+    export_root = Path(tempfile.gettempdir()) / f"qembed-bench-exports-{model_dir.name}"
+    return st_loader(model_dir, export_root, backend, batch_size)
+
+
+def measure(load, texts: list[str], repeats: int) -> tuple[float, np.ndarray]:
+    """Load a variant, warm it up, and return its best time over `repeats` runs and its vectors."""
+    encode = load()
+    encode(texts[:2])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        vectors = np.asarray(encode(texts), dtype=np.float32)
+        best = min(best, time.perf_counter() - start)
+    del encode
+    gc.collect()
+    return best, vectors
+
+
+def measure_elsewhere(args, backend: str, model_dir: Path, texts: list[str]) -> tuple[float, np.ndarray]:
+    """`measure` run by `--st-python` (this script with `--worker`), for backends this environment lacks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "texts.json").write_text(json.dumps(texts), encoding="utf-8")
+        cmd = [args.st_python, __file__, "--worker", backend, "--model-dir", str(model_dir), "--work-dir", tmp,
+               "--repeats", str(args.repeats), "--st-batch-size", str(args.st_batch_size)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip()[-400:] or f"worker exited with {done.returncode}")
+        result = np.load(Path(tmp) / "result.npz")
+        return float(result["seconds"]), result["vectors"]
+
+
+def worker(args) -> None:
+    texts = json.loads((Path(args.work_dir) / "texts.json").read_text(encoding="utf-8"))
+    load = variant_loader(args.worker, Path(args.model_dir), args.st_batch_size)
+    seconds, vectors = measure(load, texts, args.repeats)
+    np.savez(Path(args.work_dir) / "result.npz", seconds=seconds, vectors=vectors)
+
+
 def bench_model(label: str, model_dir: Path, args) -> None:
     embedder = Embedder.from_pretrained(model_dir, device="cpu", dtype="fp32")
     texts = realistic_texts(embedder.tokenizer, count=args.qwen3_texts if label == "qwen3" else 27)
@@ -100,38 +157,27 @@ def bench_model(label: str, model_dir: Path, args) -> None:
               f"+ {attention / 1e9:.3f} attention -> fp32 bound {peak / (linear + attention):.0f} tokens/s")  # fmt: skip
     reference = embedder.encode(texts)
     del embedder
-    export_root = Path(tempfile.gettempdir()) / f"qembed-bench-exports-{label}"
-    variants = {
-        ST_FP32: st_loader(model_dir, export_root, "torch", args.st_batch_size),
-        'sentence-transformers backend="onnx"': st_loader(model_dir, export_root, "onnx", args.st_batch_size),
-        "sentence-transformers ONNX int8 (avx512_vnni)": st_loader(model_dir, export_root, "onnx-int8", args.st_batch_size),
-        'sentence-transformers backend="openvino"': st_loader(model_dir, export_root, "openvino", args.st_batch_size),
-        "qembed fp32": qembed_loader(model_dir, None),
-        "qembed int8": qembed_loader(model_dir, "int8"),
-    }  # fmt: skip
     best: dict[str, float] = {}
     cosine: dict[str, float] = {}
     failed: dict[str, str] = {}
-    for order in (list(variants), list(reversed(variants))):
+    for order in (list(VARIANTS), list(reversed(VARIANTS))):
         for name in order:
             if name in failed:
                 continue
+            backend = VARIANTS[name]
             try:
-                encode = variants[name]()
-            except Exception as exc:  # noqa: BLE001 - a backend that does not install or export is reported
-                failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+                if args.st_python and backend in OPTIMUM_BACKENDS:  # in the environment that has optimum
+                    seconds, vectors = measure_elsewhere(args, backend, model_dir, texts)
+                else:
+                    seconds, vectors = measure(variant_loader(backend, model_dir, args.st_batch_size), texts,
+                                               args.repeats)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - a backend that does not install, export or run is reported
+                failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"[:160]
                 print(f"  {name}: unavailable ({failed[name]})", flush=True)
                 continue
-            encode(texts[:2])  # warm-up
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                vectors = np.asarray(encode(texts), dtype=np.float32)
-                seconds = time.perf_counter() - start
-                best[name] = min(best.get(name, float("inf")), seconds)
+            best[name] = min(best.get(name, float("inf")), seconds)
             cosine[name] = float(np.min((vectors * reference).sum(axis=1)))
             print(f"  {name}: {tokens / seconds:.1f} tokens/s", flush=True)
-            del encode
-            gc.collect()
     base = best.get(ST_FP32)
     print(f"\n{label}: best of 2 passes x {args.repeats} (alternating order)")
     print(f"| {'variant':<48} | tokens/s | vs ST fp32 | min cosine to qembed fp32 |")
@@ -145,19 +191,29 @@ def bench_model(label: str, model_dir: Path, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "qembed-bench-qwen3-0.6b"))
+    parser.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "qembed-bench-qwen3-0.6b-st"))
     parser.add_argument("--models", default="qwen3,minilm")
     parser.add_argument("--qwen3-texts", type=int, default=27, help="texts of the mix for Qwen3 (fewer: faster)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant and pass")
     parser.add_argument("--st-batch-size", type=int, default=16)
+    parser.add_argument("--st-python", help="Python of an environment with optimum (runs the ONNX/OpenVINO variants)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args)
     print(f"machine: {machine_line()}; load average {os.getloadavg()[0]:.1f} at start, {time.strftime('%H:%M')}")
     for label in args.models.split(","):
         if label == "qwen3":
             model_dir = Path(args.model_dir)
             if not (model_dir / "model.safetensors").exists():
                 print(f"building random-weight Qwen3-Embedding-0.6B architecture in {model_dir} ...", flush=True)
-                build_qwen3_embedding(model_dir, **QWEN3_EMBEDDING_0_6B)
+                if args.st_python:  # saved by the older transformers, so that both environments load it
+                    code = "import sys; from qembed.testing import *; build_qwen3_embedding(sys.argv[1], **QWEN3_EMBEDDING_0_6B)"
+                    subprocess.run([args.st_python, "-c", code, str(model_dir)], check=True,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+                else:
+                    build_qwen3_embedding(model_dir, **QWEN3_EMBEDDING_0_6B)
         else:  # a private copy: the exporters write next to the weights
             model_dir = Path(tempfile.gettempdir()) / "qembed-bench-minilm"
             if not model_dir.exists():

@@ -64,7 +64,8 @@ def start(name: str, model: str, infinity: str | None) -> tuple[subprocess.Popen
                "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "qembed", "serve", "--model", model, "--served-model-name", "minilm",
-               "--port", str(port)] + (["--no-batching"] if name == "qembed-unbatched" else [])  # fmt: skip
+               "--port", str(port)] + (["--no-batching"] if name.endswith("-unbatched") else [])  # fmt: skip
+        cmd += ["--quantize", "int8"] if name.startswith("qembed-int8") else []
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -152,6 +153,8 @@ def main() -> None:
                              "OpenMP spin-waiting makes 2 threads far slower than 1")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=2, help="measurements per server and scenario (best counts)")
     parser.add_argument("--client-procs", type=int, default=4, help="load-generator processes (clients split among them)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also serve with --quantize int8 (OpenVINO), batched and unbatched")  # fmt: skip
     args = parser.parse_args()
     global THREADS, CLIENT_PROCS
     THREADS, CLIENT_PROCS = args.threads, args.client_procs
@@ -159,7 +162,8 @@ def main() -> None:
         from qembed.testing import minilm_dir
 
         args.model = str(minilm_dir())
-    names = ["qembed", "qembed-unbatched"] + (["infinity"] if args.infinity and Path(args.infinity).exists() else [])
+    names = ["qembed", "qembed-unbatched"] + (["qembed-int8", "qembed-int8-unbatched"] if args.int8 else [])
+    names += ["infinity"] if args.infinity and Path(args.infinity).exists() else []
     print(machine_line(), f"| servers: {args.threads or 'default'} OMP thread(s), {args.seconds:g} s x {args.rounds} rounds")
     servers = {}
     try:
@@ -196,11 +200,14 @@ def main() -> None:
                   f"{r['texts_s']:.1f} | {r['cpu_ms']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['errors']} |")  # fmt: skip
     print()
     for scenario in SCENARIOS:
-        ours = best[("qembed", scenario)]["texts_s"]
-        line = f"({scenario}) qembed / unbatched = {ours / best[('qembed-unbatched', scenario)]['texts_s']:.2f}x"
-        if ("infinity", scenario) in best:
-            line += f", qembed / infinity = {ours / best[('infinity', scenario)]['texts_s']:.2f}x"
-        print(line)
+        for ours in ("qembed", "qembed-int8"):
+            if (ours, scenario) not in best:
+                continue
+            texts_s = best[(ours, scenario)]["texts_s"]
+            line = f"({scenario}) {ours} / unbatched = {texts_s / best[(ours + '-unbatched', scenario)]['texts_s']:.2f}x"
+            if ("infinity", scenario) in best:
+                line += f", {ours} / infinity = {texts_s / best[('infinity', scenario)]['texts_s']:.2f}x"
+            print(line)
 
 
 if __name__ == "__main__":

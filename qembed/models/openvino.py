@@ -121,7 +121,8 @@ def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str,
     import openvino as ov
 
     inputs = list(calibration[0])
-    model.set_attn_implementation("eager")  # its additive mask never yields NaN on padded rows once traced
+    if "position_ids" in inputs:  # a left-padded decoder: eager attention's additive mask never yields NaN on
+        model.set_attn_implementation("eager")  # a padded row once traced (SDPA's traced mask does)
     example = tuple(calibration[0][name] for name in inputs)
     samples = nncf.Dataset([{name: batch[name].numpy() for name in inputs} for batch in calibration])
     level = logging.getLogger("nncf").level
