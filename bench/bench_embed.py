@@ -112,7 +112,9 @@ def variant_loader(backend: str, model_dir: Path, batch_size: int):
 
 def measure(load, texts: list[str], repeats: int) -> tuple[float, np.ndarray]:
     """Load a variant, warm it up, and return its best time over `repeats` runs and its vectors."""
+    start = time.perf_counter()
     encode = load()
+    print(f"    loaded in {time.perf_counter() - start:.1f} s", flush=True)
     encode(texts[:2])  # warm-up
     best = float("inf")
     for _ in range(repeats):

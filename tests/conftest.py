@@ -15,6 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def openvino_cache(tmp_path_factory) -> Path:
+    """int8 models quantised by the tests are kept in a session folder, not in ~/.cache."""
+    folder = tmp_path_factory.mktemp("openvino-cache")
+    os.environ["QEMBED_OPENVINO_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     assert SHARED.is_dir(), f"../shared not found at {SHARED}"

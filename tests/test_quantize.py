@@ -48,6 +48,19 @@ def test_int8_vectors_close_to_fp32_with_the_same_semantics(embedders, one_torch
     assert (small * fp32.encode(TEXTS, dim=32)).sum(axis=1).min() >= 0.99
 
 
+def test_quantised_model_is_kept_and_read_back(embedders, tiny_embedder_path, openvino_cache, one_torch_thread):
+    """The first int8 load exports and calibrates, then keeps the quantised model; later loads read it back
+    and give the same vectors."""
+    _, int8 = embedders
+    kept = [folder for folder in openvino_cache.iterdir() if (folder / "model.xml").exists()]
+    assert kept and not [folder for folder in openvino_cache.iterdir() if ".tmp" in folder.name]
+    stamps = {folder: (folder / "model.xml").stat().st_mtime_ns for folder in kept}
+    again = Embedder.from_pretrained(tiny_embedder_path, quantize="int8")
+    assert {folder: (folder / "model.xml").stat().st_mtime_ns for folder in kept} == stamps  # read, not rewritten
+    assert sorted(openvino_cache.iterdir()) == sorted(kept)
+    assert np.array_equal(again.encode(TEXTS), int8.encode(TEXTS))
+
+
 def test_cache_never_mixes_int8_and_fp32(embedders, tmp_path, one_torch_thread):
     fp32, int8 = embedders
     assert int8.fingerprint != fp32.fingerprint and int8.fingerprint.startswith(fp32.fingerprint)

@@ -148,7 +148,7 @@ class Embedder:
 
         texts = list(CALIBRATION_TEXTS)
         token_ids = self.prepare(texts, prompt=self.document_prompt) + self.prepare(texts, instruction=MODEL_DEFAULT)
-        self.inference_model = quantize_to_openvino(self.model, [self.collate([ids]) for ids in token_ids])
+        self.inference_model = quantize_to_openvino(self.model, [self.collate([ids]) for ids in token_ids], self.fingerprint)
         self.model.to("meta")
         # int8 vectors never share a cache entry or an index with fp32 ones
         self.quantize, self.fingerprint = "int8", f"{self.fingerprint}-int8-openvino"

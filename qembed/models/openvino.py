@@ -14,11 +14,16 @@ stay in `Embedder`, so the semantics are those of the fp32 path. Needs the `cpu-
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -112,15 +117,47 @@ class OpenVINOEncoder:
         return SimpleNamespace(last_hidden_state=torch.from_numpy(np.asarray(hidden, dtype=np.float32)))
 
 
-def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str, torch.Tensor]]) -> OpenVINOEncoder:
+def openvino_cache_dir() -> Path:
+    """Where quantised models are kept: `$QEMBED_OPENVINO_CACHE`, else `~/.cache/qembed/openvino`."""
+    default = Path.home() / ".cache" / "qembed" / "openvino"
+    return Path(os.environ.get("QEMBED_OPENVINO_CACHE") or default).expanduser()
+
+
+def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str, torch.Tensor]],
+                         fingerprint: str | None = None) -> OpenVINOEncoder:  # fmt: skip
     """Export `model` (a transformers base model, fp32 on the CPU) to OpenVINO and quantise its matrix
     multiplications to int8 (weights per channel, activations with scales calibrated on `calibration`, a list
-    of collated batches); compiled for as many threads as torch uses."""
+    of collated batches); compiled for as many threads as torch uses.
+
+    With the weights' `fingerprint`, the quantised model is kept in `openvino_cache_dir()` under a key of the
+    fingerprint, the calibration inputs and the OpenVINO/NNCF versions, and later loads read it back
+    (export and calibration take minutes for a 0.6B model)."""
     check_cpu_fast()
     import nncf
     import openvino as ov
 
     inputs = list(calibration[0])
+    key = hashlib.sha1(f"{fingerprint}|{ov.__version__}|{nncf.__version__}|{inputs}".encode())
+    for batch in calibration:
+        key.update(batch["input_ids"].numpy().tobytes())
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = openvino_cache_dir() / key.hexdigest()[:20] if fingerprint else Path(scratch) / "model"
+        if not (folder / "model.xml").exists():
+            # written aside, then renamed: a killed run never leaves half a model. Always compiled from the saved
+            # file: the in-memory graph NNCF returns gives slightly different vectors than the same graph read back
+            tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+            ov.save_model(_export_int8(model, calibration, inputs), tmp / "model.xml", compress_to_fp16=False)
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())}
+        compiled = ov.Core().compile_model(folder / "model.xml", "CPU", config)
+    return OpenVINOEncoder(compiled, inputs)
+
+
+def _export_int8(model: torch.nn.Module, calibration: Sequence[dict[str, torch.Tensor]], inputs: list[str]):
+    import nncf
+    import openvino as ov
+
     if "position_ids" in inputs:  # a left-padded decoder: eager attention's additive mask never yields NaN on
         model.set_attn_implementation("eager")  # a padded row once traced (SDPA's traced mask does)
     example = tuple(calibration[0][name] for name in inputs)
@@ -134,9 +171,6 @@ def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str,
             graph = ov.convert_model(_HiddenStates(model, inputs), example_input=example)
             for port, name in zip(graph.inputs, inputs):
                 port.get_tensor().set_names({name})
-            graph = nncf.quantize(graph, samples, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+            return nncf.quantize(graph, samples, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
         finally:
             logging.getLogger("nncf").setLevel(level)
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())}
-    compiled = ov.Core().compile_model(graph, "CPU", config)
-    return OpenVINOEncoder(compiled, inputs)
