@@ -21,8 +21,9 @@ import yaml
 from qembed.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-# Small and fast: 16 queries a step, 64 tokens, a checkpoint every 3 steps, one dev evaluation, two merge weights.
-OPTIONS = {"train": {"batch_size": 16, "max_length": 64, "save_steps": 3, "evaluations": 1}, "merge": {"t": [0.5, 1.0]}}
+# Small and fast: one epoch, 16 queries a step, 64 tokens, a checkpoint every 3 steps, one dev evaluation, two merge weights.
+OPTIONS = {"train": {"epochs": 1, "batch_size": 16, "max_length": 64, "save_steps": 3, "evaluations": 1},
+           "merge": {"t": [0.5, 1.0]}}  # fmt: skip
 
 
 def adapt(*args: str, check: bool = True) -> subprocess.CompletedProcess:

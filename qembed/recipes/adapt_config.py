@@ -50,20 +50,21 @@ SPEC: dict[str, Any] = {
         "embed_model": (None, "embedder matching personas to documents (default: the base model)"),
         "filter_threshold": (0.7, "keep a written query when its cosine to the document, by the base model, is above this"),
     },
-    "negatives": {  # the `qembed mine` defaults
+    "negatives": {  # the `qembed mine` defaults, but for the margin rule (see the README's adapt section)
         "num_negatives": (MINING.num_negatives, "hard negatives mined per train query"),
         "range_min": (MINING.range_min, "candidates start at this rank (0-based)"),
         "range_max": (MINING.range_max, "and end before this rank"),
         "max_score": (MINING.max_score, "drop candidates scoring above this (likely unjudged positives)"),
-        "margin": (MINING.margin, "drop candidates scoring above positive score minus this"),
+        "margin": (None, "drop candidates scoring above positive score minus this (null: off; training's "
+                         "false-negative mask judges with the model being trained)"),
     },
     "train": {
         "lora": (None, "true: LoRA adapters; false: full fine-tuning; null: LoRA above 300M parameters"),
-        "epochs": (1, "passes over the train queries"),
+        "epochs": (2, "passes over the train queries"),
         "batch_size": (32, "queries per step (each with its positive and hard negatives)"),
         "lr": (1e-4, "peak learning rate (null: 1e-4 LoRA, 2e-5 full)"),
-        "num_negatives": (1, "mined hard negatives per query and step"),
-        "max_length": (256, "token limit per text while training"),
+        "num_negatives": (2, "mined hard negatives per query and step"),
+        "max_length": (128, "token limit per text while training (evaluation uses the model's own limit)"),
         "temperature": (None, "InfoNCE temperature (null: 0.01 last-token models, 0.05 mean/CLS pooling)"),
         "qq_dd": (True, "Qwen3 in-batch query-query and document-document terms"),
         "fn_margin": (0.1, "false-negative mask margin (null: off)"),
