@@ -6,6 +6,7 @@ the next, for T seconds. Scenarios: (a) 64 clients x 1 short text (NFCorpus quer
 server, the server process's CPU time per text (steadier than throughput on a shared machine), and the ratios
 within this run. Rounds alternate the order of the servers; the best round counts. The clients run in
 `--client-procs` processes (default 4): one Python client process saturates before the servers do.
+`--int8` adds the same two qembed servers with `--quantize int8` (needs the cpu-fast extra).
 
 infinity-emb runs from its own virtual environment (it pins other versions than qembed):
     python -m venv /tmp/infvenv && /tmp/infvenv/bin/pip install torch==2.13.0 "infinity-emb[server,torch]"
