@@ -147,8 +147,10 @@ def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str,
             # file: the in-memory graph NNCF returns gives slightly different vectors than the same graph read back
             tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
             ov.save_model(_export_int8(model, calibration, inputs), tmp / "model.xml", compress_to_fp16=False)
-            shutil.rmtree(folder, ignore_errors=True)
-            tmp.rename(folder)
+            try:
+                tmp.rename(folder)
+            except OSError:  # another process saved the same model first: use theirs
+                shutil.rmtree(tmp, ignore_errors=True)
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())}
         compiled = ov.Core().compile_model(folder / "model.xml", "CPU", config)
     return OpenVINOEncoder(compiled, inputs)
