@@ -130,9 +130,11 @@ def add_device_args(p: argparse.ArgumentParser, *, batch: bool = True, what: str
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
-    """`--quantize int8`: int8 Linear layers on the CPU (see `qembed.models.quantize`)."""
+    """`--quantize int8`: int8 inference on the CPU (embedders: `qembed.models.openvino`; rerankers:
+    `qembed.models.quantize`)."""
     p.add_argument("--quantize", choices=["int8"],
-                   help="int8 Linear layers on the CPU: faster, approximate (default: off, the model's own weights)")  # fmt: skip
+                   help="int8 on the CPU: faster, approximate; embedders need the cpu-fast extra "
+                        "(default: off, the model's own weights)")  # fmt: skip
 
 
 def add_output_args(p: argparse.ArgumentParser, *, help: str, resumable: bool = False, metavar: str = "FILE") -> None:

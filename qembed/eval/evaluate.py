@@ -60,7 +60,7 @@ def evaluate(
     candidates. `index`: an `open_index` spec (`faiss`, `hnsw`, `milvus:PATH.db`, `milvus:http://HOST:PORT`).
     `cache=False` keeps vectors in memory only (for weights that change, as in training). `device`, `dtype`
     and `batch_tokens` (padded tokens per batch; None: each model's measured default) are passed to the models;
-    `quantize="int8"` loads models given by name with int8 Linear layers on the CPU. Metrics are
+    `quantize="int8"` loads models given by name for int8 inference on the CPU. Metrics are
     fractions in [0, 1] keyed `"<metric>@<k>"` (see `qembed.eval.metrics`; nDCG gain `ndcg_gain`).
     """
     from qembed.eval.report import write_outputs
