@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qembed.files import atomic_write_bytes
 from qembed.models.embedder import truncate_and_normalize
 from qembed.models.prompts import QueryFormat
 from qembed.progress import progress_bar
@@ -70,7 +71,7 @@ class EmbeddingCache:
         self.path = Path(root or default_cache_dir()) / hashlib.sha1(meta.encode()).hexdigest()[:24]
         self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / "meta.json").exists():
-            _atomic_write(self.path / "meta.json", json.dumps(key, indent=1, ensure_ascii=False).encode())
+            atomic_write_bytes(self.path / "meta.json", json.dumps(key, indent=1, ensure_ascii=False).encode())
         for keys_path in sorted(self.path.glob("*.keys.npy")):
             self._open_shard(keys_path)
 
@@ -101,9 +102,9 @@ class EmbeddingCache:
             self._index_shard(vectors, np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, KEY_BYTES))
             return
         name = f"{time.time_ns():020d}-{os.getpid()}"
-        _atomic_write(self.path / f"{name}.vec.npy", _npy_bytes(vectors))
+        atomic_write_bytes(self.path / f"{name}.vec.npy", _npy_bytes(vectors))
         keys_path = self.path / f"{name}.keys.npy"
-        _atomic_write(keys_path, _npy_bytes(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, KEY_BYTES)))
+        atomic_write_bytes(keys_path, _npy_bytes(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, KEY_BYTES)))
         self._open_shard(keys_path)
 
     def _open_shard(self, keys_path: Path) -> None:
@@ -210,12 +211,3 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)

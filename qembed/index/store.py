@@ -23,6 +23,7 @@ import numpy as np
 
 from qembed.data.corpus import iter_corpus
 from qembed.errors import QembedError
+from qembed.files import atomic_write_json
 from qembed.index import load_index, open_index, parse_spec
 
 MANIFEST = "manifest.json"
@@ -149,9 +150,7 @@ def build_index(
         build_seconds=round(time.perf_counter() - start, 3), encoded=stats.encoded,
         collection=collection if backend == "milvus" else None,
     )  # fmt: skip
-    tmp = output / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(asdict(manifest), indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(output / MANIFEST)
+    atomic_write_json(output / MANIFEST, asdict(manifest), indent=1)
     return BuildResult(manifest, encoded=stats.encoded, cached=stats.hits)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qembed.errors import QembedError
+from qembed.files import atomic_write_json
 
 STATE_FILE = "state.json"
 
@@ -143,6 +143,4 @@ class Pipeline:
     def _save(self, name: str, status: str, config: dict, seconds: float, cpu_seconds: float = 0.0) -> None:
         self.state[name] = {"fingerprint": self.fingerprints[name], "status": status, "config": config,
                             "seconds": seconds, "cpu_seconds": cpu_seconds}  # fmt: skip
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2, default=str))
-        os.replace(tmp, self.state_path)
+        atomic_write_json(self.state_path, self.state, default=str)
