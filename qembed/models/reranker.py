@@ -8,6 +8,7 @@ Cross-encoders with a sequence-classification head (bge-reranker style): sigmoid
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,12 +80,18 @@ def _shared_prefix_cache_class():
         def from_cache(cls, cache: DynamicCache) -> SharedPrefixCache:
             return cls([(layer.keys, layer.values) for layer in cache.layers])
 
-        def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
             layer, rows = self.layers[layer_idx], key_states.shape[0]
             return (torch.cat([layer.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
                     torch.cat([layer.values.expand(rows, -1, -1, -1), value_states], dim=-2))  # fmt: skip
 
     return SharedPrefixCache
+
+
+def _cache_argument(decoder) -> str:
+    """The name under which this transformers version's decoder takes and returns its key/value cache
+    (`cache` from transformers 5.2x, `past_key_values` before)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 class Reranker:
@@ -277,7 +284,9 @@ class Reranker:
         with torch.inference_mode():
             prefix = torch.tensor([first[:shared]], device=self.device)
             try:
-                cache = _shared_prefix_cache_class().from_cache(decoder(input_ids=prefix, use_cache=True).past_key_values)
+                cache_arg = _cache_argument(decoder)
+                prefix_cache = getattr(decoder(input_ids=prefix, use_cache=True), cache_arg)
+                cache = _shared_prefix_cache_class().from_cache(prefix_cache)
             except (AttributeError, TypeError, NotImplementedError):  # no reusable cache: plain path
                 return None
             for indices in token_budget_batches([len(ids) for ids in rests], batch_tokens or self.batching.batch_tokens):
@@ -288,7 +297,7 @@ class Reranker:
                                   batch["attention_mask"]], dim=1)  # fmt: skip
                 positions = torch.arange(shared, shared + width, device=self.device).expand(rows, -1)
                 hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True).last_hidden_state  # fmt: skip
+                                 use_cache=True, **{cache_arg: cache}).last_hidden_state  # fmt: skip
                 last = hidden[torch.arange(rows, device=self.device), lengths - 1].float()  # right padding
                 no_yes = last @ weight.T
                 for index, value in zip(indices, torch.sigmoid(no_yes[:, 1] - no_yes[:, 0]).tolist()):
