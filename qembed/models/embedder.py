@@ -28,6 +28,7 @@ from qembed.models.layout import (
 )
 from qembed.models.loading import (
     SentenceTransformersInfo,
+    input_limit,
     load_pretrained,
     load_weights,
     model_class,
@@ -89,8 +90,8 @@ class Embedder:
         self.device = device
         self.pooling = info.pooling
         self.hidden_size = int(model.config.hidden_size)
-        limits = [max_length, info.max_seq_length, getattr(model.config, "max_position_embeddings", None)]
-        self.max_length = min(int(x) for x in limits if x)
+        limit = input_limit(model, tokenizer, info.max_seq_length)
+        self.max_length = min(max_length, limit) if limit else max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eot_id: int | None = None
         self._tokenizer_appends_eot = False

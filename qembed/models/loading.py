@@ -22,6 +22,8 @@ _DTYPES = {
 }  # fmt: skip
 # Weight formats we never need (other runtimes); `.bin` is skipped when safetensors exist.
 _IGNORE_ON_HUB = ["*.onnx", "*.onnx_data", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", "*.gguf", "*.pt"]
+# transformers' `model_max_length` when a tokenizer declares none (int(1e30))
+_UNSET_MODEL_MAX_LENGTH = 10**18
 _DECODER_TYPES = ("qwen", "llama", "mistral", "gemma", "phi", "gpt", "opt", "falcon", "mixtral", "deepseek")
 
 
@@ -184,6 +186,30 @@ def write_sentence_transformers_files(model_dir: Path, info: SentenceTransformer
     (model_dir / "sentence_bert_config.json").write_text(json.dumps(bert, indent=2))
     st = {"prompts": info.prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
     (model_dir / "config_sentence_transformers.json").write_text(json.dumps(st, indent=2, ensure_ascii=False))
+
+
+def position_offset(model: torch.nn.Module) -> int:
+    """How many rows of the model's position table come before the first token's: `padding_idx + 1` for the
+    RoBERTa family (XLM-R, MPNet, CamemBERT: positions start after the padding index), else 0."""
+    for module in model.modules():
+        padding_idx = getattr(module, "padding_idx", None)
+        if isinstance(padding_idx, int) and isinstance(getattr(module, "position_embeddings", None), torch.nn.Embedding):
+            return padding_idx + 1
+    return 0
+
+
+def input_limit(model: torch.nn.Module, tokenizer, declared: int | None = None) -> int | None:
+    """The most tokens one input may have: `declared` (sentence-transformers' `max_seq_length`), else the
+    tokenizer's `model_max_length`, capped by the position table less the architecture's position offset
+    (514 positions of an XLM-R model hold 512 tokens). None when nothing bounds it."""
+    if not declared:
+        declared = getattr(tokenizer, "model_max_length", None)
+        declared = declared if isinstance(declared, int) and 0 < declared < _UNSET_MODEL_MAX_LENGTH else None
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        positions -= position_offset(model)
+        return min(declared, positions) if declared else positions
+    return declared
 
 
 def weights_fingerprint(model_dir: Path, *extra: object) -> str:
