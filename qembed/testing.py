@@ -138,6 +138,8 @@ def build_qwen3_embedding(path: str | Path, *, seed: int = 0, bpe_dir: str | Pat
     import torch
     from transformers import Qwen3Model
 
+    from qembed.models.prompts import DEFAULT_QUERY_INSTRUCTION, query_prefix
+
     path = Path(path)
     torch.manual_seed(seed)
     model = Qwen3Model(qwen3_config(**config)).eval()
@@ -163,7 +165,7 @@ def build_qwen3_embedding(path: str | Path, *, seed: int = 0, bpe_dir: str | Pat
     (path / "2_Normalize").mkdir(exist_ok=True)
     (path / "config_sentence_transformers.json").write_text(json.dumps({
         "prompts": {
-            "query": "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:",
+            "query": query_prefix(DEFAULT_QUERY_INSTRUCTION),  # the published prompt
             "document": "",
         },
         "default_prompt_name": None,

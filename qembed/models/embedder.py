@@ -39,28 +39,14 @@ from qembed.models.loading import (
     weights_fingerprint,
     write_sentence_transformers_files,
 )
+from qembed.models.matryoshka import MIN_MRL_DIM, truncate_and_normalize
 from qembed.models.prompts import MODEL_DEFAULT, QueryFormat
 from qembed.models.quantize import check_quantize
 from qembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-MIN_MRL_DIM = 32
 _AUTO_PROGRESS_FROM = 256  # texts
-
-
-def truncate_and_normalize(vectors: np.ndarray, dim: int | None = None, normalize: bool = True) -> np.ndarray:
-    """Full-size float32 vectors -> the first `dim` components (Matryoshka), L2-normalised if `normalize`.
-
-    The one place this is computed, so cached full-size vectors give exactly what `Embedder.encode` gives.
-    """
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if dim is not None:
-        vectors = vectors[:, :dim]
-    if normalize:
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / np.maximum(norms, np.float32(1e-12))
-    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def check_texts(texts: Sequence[str]) -> list[str]:
