@@ -75,6 +75,8 @@ class Embedder:
         self.name_or_path = name_or_path
         self.device = device
         self.pooling = info.pooling
+        self.normalize: bool = info.normalize  # the model declares L2 normalisation (a `Normalize` module)
+        self.similarity_fn_name: str = info.similarity_fn_name  # "cosine" | "dot": how its vectors are compared
         self.hidden_size = int(model.config.hidden_size)
         limit = input_limit(model, tokenizer, info.max_seq_length)
         self.max_length = min(max_length, limit) if limit else max_length
@@ -222,15 +224,26 @@ class Embedder:
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
     # ------------------------------------------------------------------ encoding
+    @property
+    def search_normalize(self) -> bool:
+        """Whether vectors are L2-normalised for search and ranking, so that the inner product of two of them
+        is the model's declared similarity: always for "cosine"; for "dot", only when the model itself
+        normalises. Rank with `truncate_and_normalize(vectors, dim, embedder.search_normalize)` (or
+        `encode(..., normalize=embedder.search_normalize)`) and an inner-product index."""
+        return self.similarity_fn_name == "cosine" or self.normalize
+
     def encode(self, texts: Sequence[str], *, instruction: QueryFormat | str | None = None, dim: int | None = None,
-               normalize: bool = True, batch_tokens: int | None = None,
+               normalize: bool | None = None, batch_tokens: int | None = None,
                show_progress: bool | None = None, prompt: str = "") -> np.ndarray:  # fmt: skip
         """Embed `texts` -> float32 array `(len(texts), dim or hidden)`, rows in input order.
 
         `instruction` applies the Qwen3 query template `Instruct: {instruction}\\nQuery:{text}` (or give a
         `QueryFormat`; `prompt` is a raw prefix); `dim` keeps the first `dim` components (Matryoshka) before
-        normalising; batches are cut by a padded-token budget (`None`: the model family's `batching`).
+        normalising; `normalize=None` L2-normalises exactly when the model declares it (`self.normalize`, as
+        sentence-transformers does); batches are cut by a padded-token budget (`None`: the model family's
+        `batching`).
         """
+        normalize = self.normalize if normalize is None else normalize
         texts = check_texts(texts)
         out_dim = self._check_dim(dim)
         if not texts:

@@ -24,6 +24,8 @@ _DTYPES = {
 _IGNORE_ON_HUB = ["*.onnx", "*.onnx_data", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", "*.gguf", "*.pt"]
 # transformers' `model_max_length` when a tokenizer declares none (int(1e30))
 _UNSET_MODEL_MAX_LENGTH = 10**18
+#: The similarity functions of sentence-transformers that qembed ranks by (`similarity_fn_name`).
+SIMILARITY_FUNCTIONS = ("cosine", "dot")
 _DECODER_TYPES = ("qwen", "llama", "mistral", "gemma", "phi", "gpt", "opt", "falcon", "mixtral", "deepseek")
 
 
@@ -98,7 +100,8 @@ class SentenceTransformersInfo:
     """What the sentence-transformers files of a model folder say (or what we infer without them)."""
 
     pooling: str  # "lasttoken" | "mean" | "cls"
-    normalize: bool
+    normalize: bool  # a `Normalize` module: vectors are L2-normalised
+    similarity_fn_name: str = "cosine"  # how the model's vectors are compared: "cosine" | "dot"
     max_seq_length: int | None = None
     do_lower_case: bool = False
     prompts: dict[str, str] = field(default_factory=dict)
@@ -141,7 +144,12 @@ def read_sentence_transformers_info(model_dir: Path, config) -> SentenceTransfor
         info.do_lower_case = bool(data.get("do_lower_case", False))
     st_config = model_dir / "config_sentence_transformers.json"
     if st_config.is_file():
-        info.prompts = {k: v for k, v in (_read_json(st_config).get("prompts") or {}).items() if isinstance(v, str)}
+        data = _read_json(st_config)
+        info.prompts = {k: v for k, v in (data.get("prompts") or {}).items() if isinstance(v, str)}
+        info.similarity_fn_name = data.get("similarity_fn_name") or "cosine"  # sentence-transformers' default
+        if info.similarity_fn_name not in SIMILARITY_FUNCTIONS:
+            raise QembedError(f"{st_config}: similarity_fn_name {info.similarity_fn_name!r} is not supported; "
+                              f"qembed ranks by {' or '.join(SIMILARITY_FUNCTIONS)}")  # fmt: skip
     return info
 
 
@@ -184,7 +192,7 @@ def write_sentence_transformers_files(model_dir: Path, info: SentenceTransformer
     (model_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
     bert = {"max_seq_length": info.max_seq_length, "do_lower_case": info.do_lower_case}
     (model_dir / "sentence_bert_config.json").write_text(json.dumps(bert, indent=2))
-    st = {"prompts": info.prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    st = {"prompts": info.prompts, "default_prompt_name": None, "similarity_fn_name": info.similarity_fn_name}
     (model_dir / "config_sentence_transformers.json").write_text(json.dumps(st, indent=2, ensure_ascii=False))
 
 
