@@ -241,7 +241,8 @@ def load_pretrained(auto_class, model_dir: Path, **kwargs):
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise for a toolkit user
     try:
         return auto_class.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:  # TypeError: transformers 4.x on
+        # a folder without tokenizer files (its slow tokenizer is built from `vocab_file=None`)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QembedError(f"cannot load {auto_class.__name__} from {model_dir}: {first_line}") from None
 
