@@ -5,7 +5,7 @@ TORCH = $(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 # `make demo` installs once: again only when pyproject.toml changes or this Python cannot import qembed.
 STAMP = .make/install.stamp
 
-.PHONY: install install-test demo test lint bench
+.PHONY: install install-test demo test test-min-versions lint bench
 
 install:
 	$(TORCH)
@@ -27,6 +27,22 @@ demo: $(STAMP)
 test: install-test
 	$(PYTHON) -m ruff check qembed tests bench
 	$(PYTHON) -m pytest -q
+	$(MAKE) test-min-versions
+
+# The lowest transformers / tokenizers / huggingface_hub that pyproject.toml declares, in a venv over this
+# Python's packages (torch, numpy, ... stay the installed ones), running the model parity tests. The venv is
+# kept in .make/; sentence-transformers 5.1 (and the datasets it imports) are the last releases for transformers 4.
+MIN_VENV = .make/min-versions
+MIN_VERSIONS = $(shell sed -n 's/^ *"\(transformers\|tokenizers\|huggingface_hub\)>=\([0-9.]*\)".*/\1==\2/p' pyproject.toml)
+MIN_VERSION_TESTS = tests/test_embedder.py tests/test_reranker.py tests/test_reranker_prefix.py tests/test_models_xlmr.py
+# sentence-transformers 5.x strips whitespace from every input (the published recipes and 6.x do not)
+MIN_VERSION_SKIP = --deselect tests/test_embedder.py::test_sentence_transformers_agrees_on_tiny_qwen3
+
+test-min-versions:
+	@test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q $(MIN_VERSIONS) sentence-transformers==5.1.0
+	$(MIN_VENV)/bin/python -m pip install -q --no-deps datasets==4.0.0
+	PYTHONPATH=$(CURDIR) $(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(MIN_VERSION_TESTS) $(MIN_VERSION_SKIP)
 
 lint:
 	$(PYTHON) -m ruff check qembed tests bench

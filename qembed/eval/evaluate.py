@@ -99,14 +99,14 @@ def evaluate(
             raise QembedError(f"dim must be an integer between 1 and {emb.hidden_size} for {name}, got {dim!r}")
         try:
             formats = _query_formats(emb, settings, name)
-            docs = CachedEncoder(emb, prompt=emb.document_prompt, **options)
+            docs = CachedEncoder(emb, prompt=emb.document_prompt, normalize=emb.search_normalize, **options)
         except (TypeError, ValueError) as exc:  # a bad query format, a dim below the Matryoshka minimum
             raise QembedError(f"{name}: {exc}") from None
         vector_index, doc_keys, corpus_timing = _index_corpus(docs, dataset, index, show_progress, name)
         for fmt in formats:
             timings = {"load_s": load_s, **corpus_timing}
             t = time.perf_counter()
-            queries = CachedEncoder(emb, query_format=fmt, **options)
+            queries = CachedEncoder(emb, query_format=fmt, normalize=emb.search_normalize, **options)
             query_vectors = np.concatenate([v for _, v in queries.iter_chunks(
                 [dataset.queries[q] for q in dataset.query_ids], show_progress=show_progress,
                 desc=f"{_short(name)}: queries")])  # fmt: skip

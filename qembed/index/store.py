@@ -120,7 +120,7 @@ def build_index(
     shutil.rmtree(vectors_tmp, ignore_errors=True)
     vector_index = None
     encoder = CachedEncoder(embedder, prompt=embedder.document_prompt, dim=dim, cache_dir=output / "cache",
-                            batch_tokens=batch_tokens)  # fmt: skip
+                            normalize=embedder.search_normalize, batch_tokens=batch_tokens)  # fmt: skip
     stats = encoder.stats
     offsets: list[int] = []
     ids: list[str] = []
@@ -220,10 +220,11 @@ class SearchIndex:
 
     def encode_queries(self, queries: list[str], instruction: str | None = None) -> np.ndarray:
         """Query vectors as the index expects them: the model's default instruction unless one is given."""
-        dim = self.dim if self.dim != self.embedder.hidden_size else None
+        options = {"dim": self.dim if self.dim != self.embedder.hidden_size else None,
+                   "normalize": self.embedder.search_normalize}  # fmt: skip
         if instruction is not None:
-            return self.embedder.encode_queries(queries, instruction=instruction, dim=dim)
-        return self.embedder.encode_queries(queries, dim=dim)
+            return self.embedder.encode_queries(queries, instruction=instruction, **options)
+        return self.embedder.encode_queries(queries, **options)
 
     def search(self, query: str, top_k: int = 10, *, instruction: str | None = None, reranker=None,
                rerank_top: int | None = None) -> list[Hit]:  # fmt: skip

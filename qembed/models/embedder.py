@@ -28,6 +28,7 @@ from qembed.models.layout import (
 )
 from qembed.models.loading import (
     SentenceTransformersInfo,
+    input_limit,
     load_pretrained,
     load_weights,
     model_class,
@@ -38,28 +39,14 @@ from qembed.models.loading import (
     weights_fingerprint,
     write_sentence_transformers_files,
 )
+from qembed.models.matryoshka import MIN_MRL_DIM, truncate_and_normalize
 from qembed.models.prompts import MODEL_DEFAULT, QueryFormat
 from qembed.models.quantize import check_quantize
 from qembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-MIN_MRL_DIM = 32
 _AUTO_PROGRESS_FROM = 256  # texts
-
-
-def truncate_and_normalize(vectors: np.ndarray, dim: int | None = None, normalize: bool = True) -> np.ndarray:
-    """Full-size float32 vectors -> the first `dim` components (Matryoshka), L2-normalised if `normalize`.
-
-    The one place this is computed, so cached full-size vectors give exactly what `Embedder.encode` gives.
-    """
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if dim is not None:
-        vectors = vectors[:, :dim]
-    if normalize:
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / np.maximum(norms, np.float32(1e-12))
-    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def check_texts(texts: Sequence[str]) -> list[str]:
@@ -88,9 +75,11 @@ class Embedder:
         self.name_or_path = name_or_path
         self.device = device
         self.pooling = info.pooling
+        self.normalize: bool = info.normalize  # the model declares L2 normalisation (a `Normalize` module)
+        self.similarity_fn_name: str = info.similarity_fn_name  # "cosine" | "dot": how its vectors are compared
         self.hidden_size = int(model.config.hidden_size)
-        limits = [max_length, info.max_seq_length, getattr(model.config, "max_position_embeddings", None)]
-        self.max_length = min(int(x) for x in limits if x)
+        limit = input_limit(model, tokenizer, info.max_seq_length)
+        self.max_length = min(max_length, limit) if limit else max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eot_id: int | None = None
         self._tokenizer_appends_eot = False
@@ -235,15 +224,26 @@ class Embedder:
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
     # ------------------------------------------------------------------ encoding
+    @property
+    def search_normalize(self) -> bool:
+        """Whether vectors are L2-normalised for search and ranking, so that the inner product of two of them
+        is the model's declared similarity: always for "cosine"; for "dot", only when the model itself
+        normalises. Rank with `truncate_and_normalize(vectors, dim, embedder.search_normalize)` (or
+        `encode(..., normalize=embedder.search_normalize)`) and an inner-product index."""
+        return self.similarity_fn_name == "cosine" or self.normalize
+
     def encode(self, texts: Sequence[str], *, instruction: QueryFormat | str | None = None, dim: int | None = None,
-               normalize: bool = True, batch_tokens: int | None = None,
+               normalize: bool | None = None, batch_tokens: int | None = None,
                show_progress: bool | None = None, prompt: str = "") -> np.ndarray:  # fmt: skip
         """Embed `texts` -> float32 array `(len(texts), dim or hidden)`, rows in input order.
 
         `instruction` applies the Qwen3 query template `Instruct: {instruction}\\nQuery:{text}` (or give a
         `QueryFormat`; `prompt` is a raw prefix); `dim` keeps the first `dim` components (Matryoshka) before
-        normalising; batches are cut by a padded-token budget (`None`: the model family's `batching`).
+        normalising; `normalize=None` L2-normalises exactly when the model declares it (`self.normalize`, as
+        sentence-transformers does); batches are cut by a padded-token budget (`None`: the model family's
+        `batching`).
         """
+        normalize = self.normalize if normalize is None else normalize
         texts = check_texts(texts)
         out_dim = self._check_dim(dim)
         if not texts:

@@ -22,6 +22,10 @@ _DTYPES = {
 }  # fmt: skip
 # Weight formats we never need (other runtimes); `.bin` is skipped when safetensors exist.
 _IGNORE_ON_HUB = ["*.onnx", "*.onnx_data", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", "*.gguf", "*.pt"]
+# transformers' `model_max_length` when a tokenizer declares none (int(1e30))
+_UNSET_MODEL_MAX_LENGTH = 10**18
+#: The similarity functions of sentence-transformers that qembed ranks by (`similarity_fn_name`).
+SIMILARITY_FUNCTIONS = ("cosine", "dot")
 _DECODER_TYPES = ("qwen", "llama", "mistral", "gemma", "phi", "gpt", "opt", "falcon", "mixtral", "deepseek")
 
 
@@ -96,7 +100,8 @@ class SentenceTransformersInfo:
     """What the sentence-transformers files of a model folder say (or what we infer without them)."""
 
     pooling: str  # "lasttoken" | "mean" | "cls"
-    normalize: bool
+    normalize: bool  # a `Normalize` module: vectors are L2-normalised
+    similarity_fn_name: str = "cosine"  # how the model's vectors are compared: "cosine" | "dot"
     max_seq_length: int | None = None
     do_lower_case: bool = False
     prompts: dict[str, str] = field(default_factory=dict)
@@ -139,7 +144,12 @@ def read_sentence_transformers_info(model_dir: Path, config) -> SentenceTransfor
         info.do_lower_case = bool(data.get("do_lower_case", False))
     st_config = model_dir / "config_sentence_transformers.json"
     if st_config.is_file():
-        info.prompts = {k: v for k, v in (_read_json(st_config).get("prompts") or {}).items() if isinstance(v, str)}
+        data = _read_json(st_config)
+        info.prompts = {k: v for k, v in (data.get("prompts") or {}).items() if isinstance(v, str)}
+        info.similarity_fn_name = data.get("similarity_fn_name") or "cosine"  # sentence-transformers' default
+        if info.similarity_fn_name not in SIMILARITY_FUNCTIONS:
+            raise QembedError(f"{st_config}: similarity_fn_name {info.similarity_fn_name!r} is not supported; "
+                              f"qembed ranks by {' or '.join(SIMILARITY_FUNCTIONS)}")  # fmt: skip
     return info
 
 
@@ -182,8 +192,32 @@ def write_sentence_transformers_files(model_dir: Path, info: SentenceTransformer
     (model_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
     bert = {"max_seq_length": info.max_seq_length, "do_lower_case": info.do_lower_case}
     (model_dir / "sentence_bert_config.json").write_text(json.dumps(bert, indent=2))
-    st = {"prompts": info.prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    st = {"prompts": info.prompts, "default_prompt_name": None, "similarity_fn_name": info.similarity_fn_name}
     (model_dir / "config_sentence_transformers.json").write_text(json.dumps(st, indent=2, ensure_ascii=False))
+
+
+def position_offset(model: torch.nn.Module) -> int:
+    """How many rows of the model's position table come before the first token's: `padding_idx + 1` for the
+    RoBERTa family (XLM-R, MPNet, CamemBERT: positions start after the padding index), else 0."""
+    for module in model.modules():
+        padding_idx = getattr(module, "padding_idx", None)
+        if isinstance(padding_idx, int) and isinstance(getattr(module, "position_embeddings", None), torch.nn.Embedding):
+            return padding_idx + 1
+    return 0
+
+
+def input_limit(model: torch.nn.Module, tokenizer, declared: int | None = None) -> int | None:
+    """The most tokens one input may have: `declared` (sentence-transformers' `max_seq_length`), else the
+    tokenizer's `model_max_length`, capped by the position table less the architecture's position offset
+    (514 positions of an XLM-R model hold 512 tokens). None when nothing bounds it."""
+    if not declared:
+        declared = getattr(tokenizer, "model_max_length", None)
+        declared = declared if isinstance(declared, int) and 0 < declared < _UNSET_MODEL_MAX_LENGTH else None
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        positions -= position_offset(model)
+        return min(declared, positions) if declared else positions
+    return declared
 
 
 def weights_fingerprint(model_dir: Path, *extra: object) -> str:
@@ -207,7 +241,8 @@ def load_pretrained(auto_class, model_dir: Path, **kwargs):
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise for a toolkit user
     try:
         return auto_class.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:  # TypeError: transformers 4.x on
+        # a folder without tokenizer files (its slow tokenizer is built from `vocab_file=None`)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QembedError(f"cannot load {auto_class.__name__} from {model_dir}: {first_line}") from None
 

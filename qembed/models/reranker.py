@@ -28,6 +28,7 @@ from qembed.models.layout import (
     write_record,
 )
 from qembed.models.loading import (
+    input_limit,
     load_pretrained,
     load_weights,
     model_class,
@@ -107,7 +108,7 @@ class Reranker:
         self.model_dir = model_dir
         self.name_or_path = name_or_path
         self.device = device
-        limit = getattr(model.config, "max_position_embeddings", None)
+        limit = input_limit(model, tokenizer)
         self.max_length = min(max_length, limit) if limit else max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.yes_id = self.no_id = None

@@ -82,7 +82,9 @@ def filter_records(records: list[dict[str, Any]], embedder: Any, *, threshold: f
             dropped["malformed"] += 1
     scores = np.zeros(len(valid), dtype=np.float32)
     if valid:
-        options = {} if batch_tokens is None else {"batch_tokens": batch_tokens}  # None: the model's default
+        options = {"normalize": True}  # the threshold is a cosine, whatever similarity the model declares
+        if batch_tokens is not None:
+            options["batch_tokens"] = batch_tokens  # None: the model's default
         q = embedder.encode_queries([r["query"] for r in valid], **options)
         d = embedder.encode_documents([r["pos"][0] for r in valid], **options)
         scores = np.einsum("ij,ij->i", np.asarray(q, dtype=np.float32), np.asarray(d, dtype=np.float32))

@@ -75,8 +75,11 @@ class PersonaMatcher:
                 self.vectors = self.embedder.encode_documents(self.personas, show_progress=False, **self._options)
 
     @property
-    def _options(self) -> dict[str, int]:
-        return {} if self.batch_tokens is None else {"batch_tokens": self.batch_tokens}
+    def _options(self) -> dict:
+        options: dict = {"normalize": True}  # personas are ranked by cosine
+        if self.batch_tokens is not None:
+            options["batch_tokens"] = self.batch_tokens
+        return options
 
     @property
     def needs_embedder(self) -> bool:

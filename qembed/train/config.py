@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from qembed.errors import QembedError
+from qembed.models.matryoshka import MIN_MRL_DIM
 from qembed.negatives import MiningConfig
 
 CONFIG_FILE = "train_config.json"
-MIN_MRL_DIM = 32
 EVAL_KS = {"embedder": (1, 5, 10, 100), "reranker": (1, 5, 10)}
 EVAL_METRICS = ("ndcg", "recall", "mrr")
 # options a resumed run may change: they do not alter the training trajectory
