@@ -10,6 +10,7 @@ import base64
 import json
 import random
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -94,7 +95,7 @@ def test_openai_client_minilm_equals_encode(minilm_server, minilm, one_torch_thr
 
 def test_openai_client_qwen3_equals_encode(qwen_server, qwen, one_torch_thread):
     c = client(qwen_server, key="unused")
-    name = str(qwen.name_or_path)
+    name = Path(qwen.name_or_path).name  # served under the folder's name, never its path
     expected = qwen.encode(TEXTS)
     for fmt in ("base64", "float"):
         response = c.embeddings.create(model=name, input=TEXTS, encoding_format=fmt)
@@ -127,7 +128,7 @@ def test_concurrent_mixed_requests_each_equal_encoding_alone(qwen_server, qwen, 
     requests = []
     for _ in range(200):
         texts = [rng.choice(pool) * rng.choice([1, 1, 1, 2]) for _ in range(rng.randint(1, 64))]
-        body = {"model": str(qwen.name_or_path), "input": texts, "encoding_format": rng.choice(["float", "base64"])}
+        body = {"model": Path(qwen.name_or_path).name, "input": texts, "encoding_format": rng.choice(["float", "base64"])}
         if rng.random() < 0.3:
             body["instruction"] = rng.choice(["Find the answer", "Classify the topic"])
         if rng.random() < 0.3:
@@ -231,13 +232,24 @@ BAD_BODIES = [
     ({"model": "minilm", "input": "a", "input_type": "passage"}, "input_type"),
     ({"model": "minilm", "input": [[1, 2]], "instruction": "x"}, "input"),
     ({"model": "minilm", "input": ["a"] * 2049}, "input"),
+    ({"model": "minilm", "input": "lone \ud800 surrogate"}, "input"),
+    ({"model": "minilm", "input": ["ok", "\udfff"]}, "input"),
+    ({"model": "minilm", "input": ["ok"], "instruction": "a \ud83d split pair"}, "instruction"),
+    ({"model": "minilm", "input": ["ok"], "input_type": "document", "instruction": "Find it"}, "instruction"),
 ]
 
 
 @pytest.mark.parametrize("body,param", BAD_BODIES, ids=range(len(BAD_BODIES)))
 def test_bad_embedding_requests_get_400(minilm_server, body, param):
-    response = httpx.post(f"{minilm_server.url}/v1/embeddings", json=body, headers={"Authorization": f"Bearer {KEY}"})
-    assert_error(response, 400, param)
+    response = post_json(f"{minilm_server.url}/v1/embeddings", body, headers={"Authorization": f"Bearer {KEY}"})
+    error = assert_error(response, 400, param)
+    if "\\u" in json.dumps(body):  # a lone surrogate: named, with the index of its input
+        assert "lone surrogate" in error["message"] and error["message"].startswith(("input[1]", "input[0]", "instruction"))
+
+
+def post_json(url: str, body: dict, headers: dict | None = None) -> httpx.Response:
+    """POST `body` as ASCII JSON (`httpx.post(json=...)` cannot encode a lone surrogate; a server gets \\uXXXX)."""
+    return httpx.post(url, content=json.dumps(body).encode(), headers={"content-type": "application/json", **(headers or {})})
 
 
 def test_bad_bodies_and_routes(minilm_server):
@@ -277,15 +289,57 @@ def test_auth_on_every_v1_route(minilm_server):
     assert 'qembed_requests_total{route="/v1/embeddings",status="401"}' in metrics
 
 
-def test_no_token_id_truncation_surprises(minilm_server, minilm):
-    """Over-long texts are truncated to the model's limit (auto-truncate), counted in usage as fed."""
-    response = client(minilm_server).embeddings.create(model="minilm", input=["word " * 1000])
-    assert response.usage.prompt_tokens == minilm.max_length
-    np.testing.assert_allclose(response.data[0].embedding, minilm.encode(["word " * 1000])[0], atol=1e-5)
+def test_truncation_is_said_in_the_response_and_the_log(minilm_server, minilm):
+    """Over-long texts are cut to the model's limit (auto-truncate, counted in usage as fed), and the
+    response says which (`truncated` in each data item, read by the official client as an extra field)."""
+    long = "word " * 1000
+    texts = ["short text", long, " ".join(["w"] * (minilm.max_length - 2))]  # the last fits exactly
+    assert [len(ids) for ids in minilm.prepare(texts)][1:] == [minilm.max_length] * 2
+    response = client(minilm_server).embeddings.create(model="minilm", input=texts)
+    assert [d.truncated for d in response.data] == [False, True, False]
+    assert response.usage.prompt_tokens == sum(map(len, minilm.prepare(texts)))
+    np.testing.assert_allclose(response.data[1].embedding, minilm.encode([long])[0], atol=1e-5)
+    assert "/v1/embeddings: 1 of 3 inputs cut to the limit of 256 tokens (input[1])" in minilm_server.log.read_text()
+
+
+def test_model_names_are_the_served_names_only(qwen_server, tiny_embedder_path, tiny_reranker_path):
+    """The default served names are the folders' names; a local path is neither shown nor accepted."""
+    names = [m["id"] for m in httpx.get(f"{qwen_server.url}/v1/models").json()["data"]]
+    assert names == [tiny_embedder_path.name, tiny_reranker_path.name]
+    for route, body in (("/v1/embeddings", {"input": "a"}), ("/v1/search", {"query": "a"}),
+                        ("/v1/rerank", {"query": "a", "documents": ["b"]})):  # fmt: skip
+        path = tiny_reranker_path if route == "/v1/rerank" else tiny_embedder_path
+        assert_error(httpx.post(f"{qwen_server.url}{route}", json={**body, "model": str(path)}), 400, "model")
+        error = assert_error(httpx.post(f"{qwen_server.url}{route}", json={**body, "model": "gpt-4"}), 400, "model")
+        assert str(path.parent) not in error["message"] and f"serves '{path.name}'" in error["message"]
+    ok = httpx.post(f"{qwen_server.url}/v1/rerank", json={"model": tiny_reranker_path.name, "query": "a", "documents": ["b"]})
+    assert ok.status_code == 200 and ok.json()["model"] == tiny_reranker_path.name
+
+
+BAD_QWEN_BODIES = [
+    ("/v1/search", {"query": ""}, "query"),
+    ("/v1/search", {"query": "a \ud800 b"}, "query"),
+    ("/v1/search", {"query": "a", "instruction": "\udc00"}, "instruction"),
+    ("/v1/rerank", {"query": "", "documents": ["d"]}, "query"),
+    ("/v1/rerank", {"query": "q", "documents": ["d", ""]}, "documents"),
+    ("/v1/rerank", {"query": "q", "documents": ["d", {"text": "x\udbff"}]}, "documents"),
+    ("/v1/rerank", {"query": "\ud800", "documents": ["d"]}, "query"),
+]
+
+
+@pytest.mark.parametrize("route,body,param", BAD_QWEN_BODIES, ids=range(len(BAD_QWEN_BODIES)))
+def test_empty_and_unencodable_text_is_a_400_on_every_route(qwen_server, route, body, param):
+    """One rule for text on every route: empty is refused, and a lone surrogate is a 400 naming the input."""
+    error = assert_error(post_json(f"{qwen_server.url}{route}", body), 400, param)
+    assert error["code"] == "invalid_input"
+    if "\\u" in json.dumps(body):
+        assert "lone surrogate" in error["message"] and (param != "documents" or "documents[1]" in error["message"])
 
 
 def test_schema_fuzzing_never_gives_5xx(qwen_server):
-    """schemathesis cases (valid and invalid) for every operation of the OpenAPI schema: no 5xx, error shape."""
+    """schemathesis cases (valid and invalid) for every operation of the OpenAPI schema, then valid cases
+    made hostile (a lone surrogate in a string, a 330 kB or 2.5 MB string, thousands of items): no 5xx,
+    error shape, and a lone surrogate that reaches a text is a 400 saying so."""
     import requests
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
@@ -293,20 +347,93 @@ def test_schema_fuzzing_never_gives_5xx(qwen_server):
     schema = schemathesis.openapi.from_url(f"{qwen_server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/embeddings", "/v1/rerank", "/v1/search", "/v1/models"}
-    session, seen = requests.Session(), []
+    session, seen, surrogate_errors = requests.Session(), [], []
+
+    def call(case, raw=False):
+        if raw:  # schemathesis would refuse to send a lone surrogate: the same body as ASCII JSON
+            response = session.post(f"{qwen_server.url}{case.path}", data=json.dumps(case.body), timeout=120,
+                                    headers={"content-type": "application/json"})  # fmt: skip
+        else:
+            response = case.call(base_url=qwen_server.url, session=session, timeout=120)
+        seen.append(response.status_code)
+        assert response.status_code < 500, (str(case.body)[:500], response.text)
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        return response
+
     for op in operations:
-        modes = list(schemathesis.GenerationMode) if op.method.lower() == "post" else [schemathesis.GenerationMode.POSITIVE]
+        post = op.method.lower() == "post"
+        modes = list(schemathesis.GenerationMode) if list(op.body) else [schemathesis.GenerationMode.POSITIVE]
         for mode in modes:
             @settings(max_examples=25, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
                       suppress_health_check=list(HealthCheck))  # fmt: skip
             @given(case=op.as_strategy(generation_mode=mode))
             def check(case):
-                response = case.call(base_url=qwen_server.url, session=session, timeout=120)
-                seen.append(response.status_code)
-                assert response.status_code < 500, (case.body, response.text)
-                if response.status_code >= 400:
-                    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+                call(case)
 
             check()
+        if post and op.path.startswith("/v1/"):
+            @settings(max_examples=12, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            @given(case=hostile(op))
+            def check_hostile(case):
+                response = call(case, raw=True)
+                if "lone surrogate" in response.text:
+                    surrogate_errors.append(response.status_code)
+
+            check_hostile()
     session.close()
     assert len(seen) >= 100 and any(s == 200 for s in seen) and any(s == 400 for s in seen)
+    assert len(surrogate_errors) >= 5 and set(surrogate_errors) == {400}
+
+
+def _string_paths(value, path=()):
+    """Paths to the strings inside a JSON value."""
+    if isinstance(value, str):
+        yield path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _string_paths(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _string_paths(item, (*path, index))
+
+
+def _replace(value, path, new):
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replace(value[path[0]], path[1:], new)
+    return copy
+
+
+def hostile(op):
+    """Valid schemathesis cases of `op` with one string made hostile, or a list field made huge."""
+    import schemathesis
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw):
+        case = draw(op.as_strategy(generation_mode=schemathesis.GenerationMode.POSITIVE))
+        body = case.body
+        paths = list(_string_paths(body)) if isinstance(body, dict) else []
+        kind = draw(st.sampled_from(["surrogate", "surrogate", "huge text", "many items"]))
+        if kind == "many items" and isinstance(body, dict):
+            key = "input" if "input" in body else "documents" if "documents" in body else None
+            if key:
+                body = {**body, key: ["many items"] * draw(st.sampled_from([2000, 5000]))}
+        elif paths:
+            path = draw(st.sampled_from(paths))
+            text = body
+            for part in path:
+                text = text[part]
+            if kind == "surrogate":
+                at = draw(st.integers(0, len(text)))
+                text = text[:at] + draw(st.sampled_from(["\ud800", "\udfff", "\udbff"])) + text[at:]
+            else:
+                text = "rice blast " * draw(st.sampled_from([30_000, 230_000]))  # 330 kB, or 2.5 MB: over the limit
+            body = _replace(body, path, text)
+        case.body = body
+        return case
+
+    return cases()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 
 import numpy as np
 
-from qembed.serve.batcher import Batcher, ModelWorker
+from qembed.serve.batcher import WINDOW_BATCHES, Batcher, ModelWorker
 
 
 def test_batches_keep_order_and_drop_cancelled_inputs():
@@ -67,6 +68,52 @@ def test_short_inputs_are_not_padded_to_a_long_one_once_a_batch_is_worth_running
     results = asyncio.run(scenario())
     assert results == [[1], [8] * 4, [2] * 8, [8] * 4]
     assert sorted(seen[1:]) == [[2] * 8, [8] * 8]  # requests merged, lengths not mixed
+
+
+def test_taking_a_batch_looks_at_a_window_of_the_queue_not_all_of_it():
+    """20,000 queued one-input requests: forming each batch visits at most WINDOW_BATCHES batches' worth
+    of the queue (it used to rebuild the whole queue twice per batch, under the lock `submit` takes on the
+    event loop), and every request still gets its own result."""
+    visits, per_take = 0, []
+
+    class CountingDeque(deque):
+        def __iter__(self):
+            nonlocal visits
+            for item in super().__iter__():
+                visits += 1
+                yield item
+
+    gate = threading.Event()
+
+    def forward(batch):
+        gate.wait(timeout=30)
+        return [s[0] for s in batch]
+
+    async def scenario():
+        worker = ModelWorker()
+        batcher = Batcher(worker, collate=lambda seqs: seqs, forward=forward, max_batch_tokens=64)
+        batcher._pending = CountingDeque()
+        take = batcher._take
+
+        def counted_take():
+            before = visits
+            taken = take()
+            per_take.append((visits - before, len(taken)))
+            return taken
+
+        batcher._take = counted_take
+        jobs = [batcher.submit([[n]]) for n in range(20_000)]
+        gate.set()
+        results = await asyncio.gather(*(job.future for job in jobs))
+        batcher.stop()
+        worker.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert results == [[n] for n in range(20_000)]
+    batches = [taken for _, taken in per_take if taken]
+    assert sum(batches) == 20_000 and max(batches) == 64
+    assert max(seen for seen, _ in per_take) <= WINDOW_BATCHES * 64 + 1  # + the one that ends the window
 
 
 def test_library_app_health_is_503_until_the_model_is_loaded(tiny_embedder_path, one_torch_thread):

@@ -201,13 +201,18 @@ class Embedder:
             return [list(ids) for ids in encoded["input_ids"]]
         encoded = self.tokenizer(formatted, add_special_tokens=self._tokenizer_appends_eot, truncation=True,
                                  max_length=self.max_length)["input_ids"]  # fmt: skip
-        result = []
-        for ids in encoded:
-            ids = list(ids)
-            while ids and ids[-1] == self.eot_id:  # exactly one end-of-text token, whatever the tokenizer did
-                ids.pop()
-            result.append(ids[: self.max_length - 1] + [self.eot_id])
-        return result
+        return [self.finish_token_ids(ids) for ids in encoded]
+
+    def finish_token_ids(self, ids: Sequence[int]) -> list[int]:
+        """Token ids as the model takes them: cut to `max_length` and, for last-token pooling, ending in
+        exactly one end-of-text token whatever the input ended with (used by `prepare` and for token-id
+        inputs, e.g. the server's)."""
+        ids = list(ids)
+        if self.pooling != "lasttoken":
+            return ids[: self.max_length]
+        while ids and ids[-1] == self.eot_id:
+            ids.pop()
+        return ids[: self.max_length - 1] + [self.eot_id]
 
     def collate(self, token_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """A padded batch on this model's device (left padding for last-token pooling)."""

@@ -4,7 +4,8 @@ Each model has a `Batcher` whose former thread picks the next batch from the pen
 including the oldest, grouped by length with `token_budget_batches`) and pads it while the `ModelWorker`
 thread runs the current one; at most one formed batch waits, so a batch is formed from everything that
 arrived while the previous one ran. Results go back to their requests in input order; inputs of a request
-whose client went away are dropped before they reach the model.
+whose client went away are dropped before they reach the model. A batch that raises fails its own requests;
+if the model thread itself stops, every queued and later request fails at once (`ModelThreadDied`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from qembed.models.batching import token_budget_batches
 log = logging.getLogger(__name__)
 
 SCAN_LIMIT = 4096  # pending inputs looked at when forming one batch
+WINDOW_BATCHES = 4  # ... and at most this many batches' worth of tokens (`max_batch_tokens` each)
 #: Real tokens a served batch holds before it closes rather than pad a shorter input (the padding rule of
 #: `token_budget_batches`). Measured with bench/bench_serve.py on all-MiniLM-L6-v2, 64 clients x 1 query
 #: (about 9 tokens): at 256 every batch took all queued queries and padded them 2.5x to the longest, at 64
@@ -33,24 +35,69 @@ SCAN_LIMIT = 4096  # pending inputs looked at when forming one batch
 MIN_BATCH_TOKENS = 64
 
 
+class ModelThreadDied(RuntimeError):
+    """The model thread stopped: no request can be served until the server restarts."""
+
+
 class ModelWorker:
-    """The one thread that runs forward passes; `slot` lets at most one formed batch wait for it."""
+    """The one thread that runs forward passes; `slot` lets at most one formed batch wait for it.
+
+    A batch that raises an `Exception` fails its own requests and the thread goes on. Anything that escapes
+    that guard stops the thread: `error` says why, the batches queued for it and every later one fail with
+    `ModelThreadDied`, and the `on_death` callbacks run (the batchers fail their pending inputs).
+    """
 
     def __init__(self) -> None:
         self.slot = threading.Semaphore(1)
+        self.error: str | None = None
+        self.on_death: list[Callable[[ModelThreadDied], None]] = []
         self._jobs: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="qembed-model", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], None]) -> None:
-        """Queue a formed batch (call after acquiring `slot`)."""
-        self._jobs.put(fn)
+    def submit(self, items: list, fn: Callable[[], None]) -> None:
+        """Queue a formed batch `fn` running `items` (call after acquiring `slot`)."""
+        with self._lock:
+            if self.error is None:
+                self._jobs.put((items, fn))
+                return
+        self.slot.release()  # no thread will take it
+        _fail(items, ModelThreadDied(self.error))
 
     def _run(self) -> None:
-        while (fn := self._jobs.get()) is not None:
-            self.slot.release()  # the batch is taken: the next one may be formed while this one runs
-            with torch.inference_mode():
-                fn()
+        items: list = []
+        try:
+            while (entry := self._jobs.get()) is not None:
+                items, fn = entry
+                self.slot.release()  # the batch is taken: the next one may be formed while this one runs
+                try:
+                    with torch.inference_mode():
+                        fn()
+                except Exception as exc:
+                    log.exception("qembed serve: a batch failed")
+                    _fail(items, exc)
+                items = []
+        except BaseException as exc:  # noqa: BLE001 - whatever it was, requests must not wait for this thread
+            self._die(exc, items)
+
+    def _die(self, exc: BaseException, running: list) -> None:
+        error = ModelThreadDied(f"the model thread stopped ({type(exc).__name__}: {exc}".splitlines()[0] + ")")
+        log.error("qembed serve: %s: every request fails until the server restarts", error)
+        with self._lock:
+            self.error = str(error)
+            queued = []
+            while True:
+                try:
+                    entry = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if entry is not None:
+                    queued.extend(entry[0])
+        _fail(running + queued, error)
+        self.slot.release()
+        for callback in self.on_death:
+            callback(error)
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -69,9 +116,11 @@ class Job:
     cancelled: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
     waited: bool = False
+    taken: list = field(default_factory=list)  # per input: already in a formed batch
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.seqs)
+        self.taken = [False] * len(self.seqs)
         self.remaining = len(self.seqs)
 
     def finish(self, error: BaseException | None = None) -> None:
@@ -100,9 +149,11 @@ class Batcher:
         self.min_batch_tokens = min_batch_tokens
         self.max_batch_tokens, self.metrics, self.name, self.per_request = max_batch_tokens, metrics, name, per_request
         self._pending: deque[tuple[Job, int]] = deque()
+        self._untaken = 0
         self._cond = threading.Condition()
         self._stopped = False
         self.dropped = 0
+        worker.on_death.append(self._fail_pending)
         self._thread = threading.Thread(target=self._form_batches, name=f"qembed-{name}-batcher", daemon=True)
         self._thread.start()
 
@@ -113,8 +164,12 @@ class Batcher:
         if not job.seqs:
             job.future.set_result([])
             return job
+        if self.worker.error is not None:
+            job.future.set_exception(ModelThreadDied(self.worker.error))
+            return job
         with self._cond:
             self._pending.extend((job, i) for i in range(len(job.seqs)))
+            self._untaken += len(job.seqs)
             self._set_depth()
             self._cond.notify()
         return job
@@ -125,37 +180,66 @@ class Batcher:
             job.cancelled = True
 
     def pending(self) -> int:
-        return len(self._pending)
+        """Inputs queued and not yet in a formed batch (those of cancelled requests until they are dropped)."""
+        return self._untaken
 
     def _set_depth(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(self.name).set(len(self._pending))
+            self.metrics.queue_depth.labels(self.name).set(self._untaken)
+
+    def _pop_dead_head(self) -> None:
+        """Remove the inputs at the front that are taken or whose request was cancelled."""
+        pending = self._pending
+        while pending:
+            job, i = pending[0]
+            if job.taken[i]:
+                pending.popleft()
+            elif job.cancelled:
+                pending.popleft()
+                self._untaken -= 1
+                self._count_dropped(1)
+            else:
+                break
 
     def _take(self) -> list[tuple[Job, int]]:
-        """Remove and return the next batch from the pending inputs (called with the lock held)."""
-        while self._pending and self._pending[0][0].cancelled:
-            self._pending.popleft()
-            self._count_dropped(1)
+        """Remove and return the next batch from the pending inputs (called with the lock held).
+
+        Only a window at the front is looked at: at most `SCAN_LIMIT` queued inputs and no more than
+        `WINDOW_BATCHES` batches' worth of tokens, so the cost is bounded by the batch, not by the queue.
+        Inputs taken from the middle of the window are marked and skipped until they reach the front.
+        """
+        self._pop_dead_head()
         if not self._pending:
             return []
         head_job = self._pending[0][0]
         window: list[tuple[Job, int]] = []
-        for item in self._pending:
-            if len(window) >= SCAN_LIMIT:
+        tokens, token_limit = 0, WINDOW_BATCHES * self.max_batch_tokens
+        for visited, item in enumerate(self._pending):
+            job, i = item
+            if visited >= SCAN_LIMIT or tokens >= token_limit or (self.per_request and job is not head_job):
                 break
-            if item[0].cancelled or (self.per_request and item[0] is not head_job):
+            if job.taken[i] or job.cancelled:
                 continue
             window.append(item)
+            tokens += len(job.seqs[i])
         lengths = [len(job.seqs[i]) for job, i in window]
         batches = token_budget_batches(lengths, self.max_batch_tokens, min_batch_tokens=self.min_batch_tokens)
         chosen = next(b for b in batches if 0 in b)  # the oldest input always goes in the next batch
         taken = [window[i] for i in sorted(chosen)]
-        taken_ids = {(id(job), i) for job, i in taken}
-        kept = deque(item for item in self._pending if (id(item[0]), item[1]) not in taken_ids)
-        live = deque(item for item in kept if not item[0].cancelled)
-        self._count_dropped(len(kept) - len(live))
-        self._pending = live
+        for job, i in taken:
+            job.taken[i] = True
+        self._untaken -= len(taken)
+        self._pop_dead_head()
         return taken
+
+    def _fail_pending(self, error: ModelThreadDied) -> None:
+        """The model thread is gone: fail every queued request now rather than let it wait forever."""
+        with self._cond:
+            items = list(self._pending)
+            self._pending.clear()
+            self._untaken = 0
+            self._set_depth()
+        _fail(items, error)
 
     def _count_dropped(self, count: int) -> None:
         self.dropped += count
@@ -189,10 +273,12 @@ class Batcher:
                 self.metrics.tokens.labels(self.name).inc(sum(len(s) for s in seqs))
             try:
                 batch = self.collate(seqs)
-            except Exception as exc:  # pragma: no cover - a bug, reported to the requests
-                self.worker.submit(lambda items=items, exc=exc: _fail(items, exc))
+            except Exception as exc:  # a bug: reported to the requests of this batch
+                log.exception("qembed serve: padding a batch failed")
+                self.worker.slot.release()
+                _fail(items, exc)
                 continue
-            self.worker.submit(lambda items=items, batch=batch: self._run(items, batch))
+            self.worker.submit(items, lambda items=items, batch=batch: self._run(items, batch))
 
     def _run(self, items: list[tuple[Job, int]], batch) -> None:
         live = [(job, i) for job, i in items if not job.cancelled]
@@ -201,15 +287,12 @@ class Batcher:
             if not live:
                 return
             items, batch = live, self.collate([job.seqs[i] for job, i in live])
-        try:
-            begin = time.perf_counter()
-            outputs = self.forward(batch)
-            if self.metrics is not None:
-                self.metrics.forward.labels(self.name).observe(time.perf_counter() - begin)
-        except Exception as exc:
-            log.exception("forward pass failed")
-            _fail(items, exc)
-            return
+        begin = time.perf_counter()
+        outputs = self.forward(batch)  # an exception fails this batch's requests (`ModelWorker`)
+        if len(outputs) != len(items):
+            raise RuntimeError(f"the forward pass gave {len(outputs)} results for {len(items)} inputs")
+        if self.metrics is not None:
+            self.metrics.forward.labels(self.name).observe(time.perf_counter() - begin)
         for (job, i), output in zip(items, outputs):
             job.results[i] = output
             job.remaining -= 1
@@ -224,5 +307,8 @@ class Batcher:
 
 
 def _fail(items: list[tuple[Job, int]], exc: BaseException) -> None:
+    """Fail the requests of `items` (each once): `ModelThreadDied` as is, anything else as a model error."""
+    error = exc if isinstance(exc, ModelThreadDied) else RuntimeError(f"model error: {type(exc).__name__}")
     for job in {id(job): job for job, _ in items}.values():
-        job.finish(RuntimeError(f"model error: {type(exc).__name__}"))
+        if not job.cancelled:  # a cancelled request has been answered already
+            job.finish(error)

@@ -3,14 +3,14 @@ metrics by route and status, API key, body size limit and the in-flight request 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,10 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:  # fmt: skip
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+                   headers: dict | None = None) -> Response:  # fmt: skip
+    """The error as a response (ASCII JSON: a message may quote any text a client sent)."""
+    return Response(json.dumps(error_body(status, message, param, code)), status_code=status, headers=headers,
+                    media_type="application/json")  # fmt: skip
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -67,13 +69,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class Guard:
-    """ASGI middleware in front of the app: metrics, API key, body size, in-flight limit.
+    """ASGI middleware in front of the app: metrics, API key, body size and read time, in-flight limit.
 
-    `/health` and `/metrics` are never refused. The body is read here (up to `max_bytes`) and replayed
-    to the app; later `receive` calls reach the client, so a handler can watch for a disconnect.
+    `/health` and the API documentation (`/docs`, `/redoc`, `/openapi.json`) are never refused; `/metrics`
+    needs the key only with `metrics_require_key`, and is never refused for load. The body is read here (up to `max_request_bytes`, within
+    `body_timeout` seconds) and replayed to the app; later `receive` calls reach the client, so a handler
+    can watch for a disconnect.
     """
 
-    OPEN = ("/health", "/metrics", "/openapi.json")
+    OPEN = ("/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
     def __init__(self, app, *, state) -> None:
         self.app, self.state = app, state
@@ -100,21 +104,28 @@ class Guard:
 
     async def _guarded(self, scope, receive, send, path):
         config = self.state.config
-        if path in self.OPEN:
-            return await self.app(scope, receive, send)
+        if path in self.OPEN or (path == "/metrics" and not config.metrics_require_key):
+            return await self._call(scope, receive, send)
         if config.api_key and not _authorized(scope, config.api_key):
             return await _send_error(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                      code="invalid_api_key")  # fmt: skip
+        if path == "/metrics":  # never refused for load: it is how an overload is seen
+            return await self._call(scope, receive, send)
         if self.state.in_flight >= config.max_concurrent_requests:
             return await _send_error(send, 429, f"too many requests in flight (limit {config.max_concurrent_requests}): "
                                      "retry later", code="rate_limit_exceeded", headers={"retry-after": "1"})  # fmt: skip
         self.state.in_flight += 1
         self.state.metrics.in_flight.set(self.state.in_flight)
         try:
-            body = await _read_body(scope, receive, config.max_request_bytes)
+            try:
+                body = await asyncio.wait_for(_read_body(scope, receive, config.max_request_bytes),
+                                              timeout=config.body_timeout)  # fmt: skip
+            except TimeoutError:
+                return await _send_error(send, 408, f"the request body did not arrive within {config.body_timeout:g} s",
+                                         code="body_timeout", headers={"connection": "close"})  # fmt: skip
             if body is None:
                 return await _send_error(send, 413, f"request body over {config.max_request_bytes} bytes",
-                                         code="request_too_large")  # fmt: skip
+                                         code="request_too_large", headers={"connection": "close"})  # fmt: skip
             replayed = False
 
             async def replay():
@@ -124,10 +135,27 @@ class Guard:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
-            await self.app(scope, replay, send)
+            await self._call(scope, replay, send)
         finally:
             self.state.in_flight -= 1
             self.state.metrics.in_flight.set(self.state.in_flight)
+
+    async def _call(self, scope, receive, send):
+        """The app, with an unexpected exception answered as a 500 here: re-raised to the server, it would
+        close the client's keep-alive connection."""
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            log.error("internal error on %s: %s: %s", scope["path"], type(exc).__name__, exc, exc_info=exc)
+            if not started:
+                await _send_error(send, 500, "internal server error", code="internal_error")
 
 
 def _authorized(scope, key: str) -> bool:
