@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from qembed.errors import QembedError
 from qembed.models.embedder import MIN_MRL_DIM, truncate_and_normalize
+from qembed.models.prompts import MODEL_DEFAULT
 from qembed.serve.batcher import Batcher, ModelThreadDied, ModelWorker
 from qembed.serve.errors import ApiError, Guard, install_error_handlers
 from qembed.serve.metrics import Metrics
@@ -298,9 +299,11 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _finish(embedder, rows: list[np.ndarray], dim: int) -> np.ndarray:
-    """Matryoshka cut and the model's normalisation, exactly as `Embedder.encode` does them."""
-    return truncate_and_normalize(np.stack(rows), dim, getattr(embedder, "normalize", True))
+def _finish(embedder, rows: list[np.ndarray], dim: int, *, for_search: bool = False) -> np.ndarray:
+    """Matryoshka cut and normalisation: the model's own (as `Embedder.encode` gives them), or for searching
+    an index the declared similarity's (`Embedder.search_normalize`, as the index was built)."""
+    normalize = embedder.search_normalize if for_search else embedder.normalize
+    return truncate_and_normalize(np.stack(rows), dim, normalize)
 
 
 async def _tokenize(fn, texts: list[str], *args, **kwargs) -> list[list[int]]:
@@ -356,7 +359,7 @@ def _query_options(embedder, instruction: str | None, input_type: str | None) ->
         _check_texts([instruction], "instruction", indexed=False)
         return {"instruction": instruction}
     if input_type == "query":
-        return {"instruction": embedder.default_instruction, "prompt": embedder.query_prompt}
+        return {"instruction": MODEL_DEFAULT}
     if input_type == "document":
         return {"prompt": embedder.document_prompt}
     return {}
@@ -471,12 +474,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             _check_texts([body.instruction], "instruction", indexed=False)
             options = {"instruction": body.instruction}
         else:
-            options = {"instruction": embedder.default_instruction, "prompt": embedder.query_prompt}
+            options = {"instruction": MODEL_DEFAULT}
         seqs = await _tokenize(embedder.prepare, [body.query], **options)
         longer = lambda _: state.embed_probe.texts().prepare([body.query], **options)  # noqa: E731
         truncated = await _truncated(seqs, state.input_limit, longer)
         _handle_truncated(state, truncated, state.input_limit, "query", "/v1/search")
-        query = _finish(embedder, await _run(state.embed_batcher, seqs, request), index.dim)
+        query = _finish(embedder, await _run(state.embed_batcher, seqs, request), index.dim, for_search=True)
         hits = (await run_in_threadpool(index.search_vectors, query, body.top_k))[0]
         tokens = len(seqs[0])
         pair_truncated: list[bool] = []
