@@ -94,15 +94,20 @@ def _accuracy(items: list[dict[str, Any]], verdicts: dict[str, bool]) -> Proport
     return Proportion(sum(judged), len(judged))
 
 
+def _value(item: dict[str, Any], name: str) -> str:
+    value = item.get(name)
+    return "(none)" if value is None else str(value)
+
+
 def _tables(items: list[dict[str, Any]], verdicts: dict[str, bool], filtered: bool) -> dict[str, Any]:
     kept = [it for it in items if it.get("kept")]
     tables: dict[str, Any] = {"overall": {"raw": _accuracy(items, verdicts).as_dict(),
                                           "filtered": _accuracy(kept, verdicts).as_dict() if filtered else None}}  # fmt: skip
     for name in BREAKDOWN:
-        values = sorted({str(it.get(name)) for it in items})
+        values = sorted({_value(it, name) for it in items})
         tables[name] = {
-            value: {"raw": _accuracy([it for it in items if str(it.get(name)) == value], verdicts).as_dict(),
-                    "filtered": _accuracy([it for it in kept if str(it.get(name)) == value], verdicts).as_dict()
+            value: {"raw": _accuracy([it for it in items if _value(it, name) == value], verdicts).as_dict(),
+                    "filtered": _accuracy([it for it in kept if _value(it, name) == value], verdicts).as_dict()
                     if filtered else None}
             for value in values
         }  # fmt: skip
@@ -272,8 +277,9 @@ def report_html(report: dict[str, Any], plot_png: bytes | None) -> str:
     def cell(p: Proportion | None) -> str:
         return "<td>no filtered input</td>" if p is None else f"<td>{e(p.text())}</td>"
 
-    rows = "".join(f"<tr><th>{e('overall' if g == 'overall' else g)}</th><td>{e(v)}</td>{cell(raw)}{cell(flt)}</tr>"
-                   for g, v, raw, flt in _rows(report))  # fmt: skip
+    all_rows = _rows(report)
+    overall = all_rows[0]
+    rows = "".join(f"<tr><th>{e(g)}</th><td>{e(v)}</td>{cell(raw)}{cell(flt)}</tr>" for g, v, raw, flt in all_rows[1:])
     people = "".join(f"<tr><td>{e(n)}</td><td>{r['labelled']}</td><td>{r['skipped']}</td><td>{r['relevant']}</td></tr>"
                      for n, r in report["reviewers"].items())  # fmt: skip
     agreement = "".join(
@@ -307,12 +313,15 @@ thead th {{ background: #f3f3f3; }} h2 {{ font-size: 17px; margin-top: 26px; }} 
 <p><a href="/">← back to labelling</a></p>
 <h1>Relevance of the synthetic pairs</h1>
 <p class="note">{report['items']} sampled items of {report['population']} raw pairs{kept}; {report['with_verdict']}
-with a human verdict (majority of human labels), {report['ties']} ties. Intervals: Wilson 95 %.</p>
+with a human verdict (majority of human labels), {report['ties']} ties. Intervals: Wilson 95&nbsp;%.</p>
 <h2>Relevance accuracy</h2>
-<table><thead><tr><th></th><th></th><th>raw</th><th>filtered</th></tr></thead><tbody>{rows}</tbody></table>
+<table><thead><tr><th></th><th>raw</th><th>filtered</th></tr></thead>
+<tbody><tr><th>overall</th>{cell(overall[2])}{cell(overall[3])}</tr></tbody></table>
 <h2>Accuracy and kept share against the cosine threshold</h2>
 {plot}
 <table><thead><tr><th>threshold</th><th>kept</th><th>accuracy above it</th></tr></thead><tbody>{thresholds}</tbody></table>
+<h2>By task, question type, difficulty and language</h2>
+<table><thead><tr><th></th><th></th><th>raw</th><th>filtered</th></tr></thead><tbody>{rows}</tbody></table>
 <h2>Reviewers</h2>
 <table><thead><tr><th>reviewer</th><th>labelled</th><th>skipped</th><th>relevant</th></tr></thead><tbody>{people}</tbody></table>
 <h2>Agreement (Cohen's κ)</h2>
