@@ -114,8 +114,11 @@ def default_reply(body: dict, attempt: int) -> Reply:
         query = re.search(r"^Query: (.*)$", prompt, re.MULTILINE).group(1)
         if case == "fewnegs":
             count -= 1
-        passages = [f"Negative {i}: a passage on the topic of '{query}' about a related but different question."
-                    for i in range(count)]  # fmt: skip
+        if "different passages in Simplified Chinese" in prompt:
+            passages = [f"反例{i}：关于“{query}”这一话题、但回答另一个问题的段落。" for i in range(count)]
+        else:
+            passages = [f"Negative {i}: a passage on the topic of '{query}' about a related but different question."
+                        for i in range(count)]  # fmt: skip
         return Reply(content=_ok_json({"passages": passages}))
 
     if "Answer true only when" in prompt:  # the review judge

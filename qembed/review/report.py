@@ -114,10 +114,12 @@ def _tables(items: list[dict[str, Any]], verdicts: dict[str, bool], filtered: bo
     return tables
 
 
-def threshold_curve(items: list[dict[str, Any]], verdicts: dict[str, bool], step: float = 0.01) -> list[dict[str, Any]]:
+def threshold_curve(items: list[dict[str, Any]], verdicts: dict[str, bool], step: float = 0.01,
+                    judges: dict[str, dict[str, bool]] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """For thresholds from below the lowest to the highest sampled cosine: the share of sampled items
-    with cosine above it (kept share) and the accuracy of the labelled ones among them. Empty unless every
-    item has a cosine (a kept share of part of the sample would mislead)."""
+    with cosine above it (kept share), the accuracy of those with a human verdict among them, and (under
+    `judges`) each LLM judge's. Empty unless every item has a cosine (a kept share of part of the sample
+    would mislead)."""
     scored = [it for it in items if it.get("cosine") is not None]
     if not scored or len(scored) < len(items):
         return []
@@ -128,7 +130,8 @@ def threshold_curve(items: list[dict[str, Any]], verdicts: dict[str, bool], step
         t = round(low + i * step, 6)
         above = [it for it in scored if it["cosine"] > t]
         accuracy = _accuracy(above, verdicts)
-        points.append({"threshold": t, "kept_share": len(above) / len(scored), **accuracy.as_dict()})
+        by_judge = {name: _accuracy(above, labels).as_dict() for name, labels in (judges or {}).items()}
+        points.append({"threshold": t, "kept_share": len(above) / len(scored), **accuracy.as_dict(), "judges": by_judge})
     return points
 
 
@@ -169,7 +172,7 @@ def build_report(review: Review) -> dict[str, Any]:
         "items_kept": len(kept) if filtered else None,
         "items_scored": sum(it.get("cosine") is not None for it in items), "with_verdict": len(verdicts), "ties": ties,
         "reviewers": reviewers, "accuracy": _tables(items, verdicts, filtered),
-        "threshold": threshold_curve(items, verdicts), "agreement": agreement, "llm_judges": llm,
+        "threshold": threshold_curve(items, verdicts, judges={name: binary[name] for name in judges}), "agreement": agreement, "llm_judges": llm,
     }  # fmt: skip
 
 
@@ -210,15 +213,22 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {name}: {r['labelled']} labelled ({r['skipped']} skipped, {r['relevant']} relevant)")
     lines.append("")
     lines.append("relevance accuracy (human verdict), with Wilson 95% intervals:")
-    lines.append(f"  {'':<30}{'raw':<36}filtered")
-    for group, value, raw, filtered in _rows(report):
-        label = "overall" if group == "overall" else f"{group}={value}"
-        lines.append(f"  {label:<30}{raw.text():<36}{filtered.text() if filtered else 'no filtered input'}")
+    rows = [("overall" if group == "overall" else f"{group}={value}", raw, filtered)
+            for group, value, raw, filtered in _rows(report)]  # fmt: skip
+    width = max(30, *(len(label) + 2 for label, _, _ in rows))
+    lines.append(f"  {'':<{width}}{'raw':<36}filtered")
+    for label, raw, filtered in rows:
+        lines.append(f"  {label:<{width}}{raw.text():<36}{filtered.text() if filtered else 'no filtered input'}")
     rows = threshold_rows(report)
     if rows:
-        lines += ["", "by cosine threshold (pairs with cosine above it):", f"  {'threshold':>9}  {'kept':>6}  accuracy"]
+        judges = list(report["llm_judges"])
+        lines += ["", "by cosine threshold (pairs with cosine above it):",
+                  f"  {'threshold':>9}  {'kept':>6}  {'accuracy':<34}" + "".join(f"{name:<34}" for name in judges)]  # fmt: skip
         for p in rows:
-            lines.append(f"  {p['threshold']:>9.2f}  {100 * p['kept_share']:>5.1f}%  {Proportion(p['relevant'], p['n']).text()}")
+            cells = [Proportion(p["relevant"], p["n"]).text()]
+            cells += [_prop(p["judges"][name]).text() for name in judges]
+            lines.append(f"  {p['threshold']:>9.2f}  {100 * p['kept_share']:>5.1f}%  " + "".join(f"{c:<34}" for c in cells))
+        lines[-len(rows) - 1 :] = [line.rstrip() for line in lines[-len(rows) - 1 :]]
     elif report["items"]:
         lines += ["", f"no threshold curve: {report['items_scored']} of {report['items']} sampled items have a cosine "
                       "(create the labels file with --model to score them all)"]
@@ -256,6 +266,10 @@ def threshold_plot(report: dict[str, Any]) -> bytes | None:
                 label="relevance accuracy (human)")  # fmt: skip
         ax.fill_between([p["threshold"] for p in with_labels], [p["ci95"][0] for p in with_labels],
                         [p["ci95"][1] for p in with_labels], color="#1f77b4", alpha=0.15, label="Wilson 95% interval")  # fmt: skip
+    for name in report["llm_judges"]:
+        judged = [p for p in points if p["judges"][name]["n"]]
+        ax.plot([p["threshold"] for p in judged], [p["judges"][name]["accuracy"] for p in judged], linestyle="--",
+                label=f"relevance accuracy ({name})")  # fmt: skip
     ax.set_xlabel("cosine threshold (keep pairs above it)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -294,8 +308,12 @@ def report_html(report: dict[str, Any], plot_png: bytes | None) -> str:
         f"<td>{e(_prop(j['filtered']).text()) if j['filtered'] else '–'}</td></tr>"
         for n, j in report["llm_judges"].items()
     )
+    judge_names = list(report["llm_judges"])
     thresholds = "".join(f"<tr><td>{p['threshold']:.2f}</td><td>{100 * p['kept_share']:.1f}%</td>"
-                         f"<td>{e(Proportion(p['relevant'], p['n']).text())}</td></tr>" for p in threshold_rows(report))  # fmt: skip
+                         f"<td>{e(Proportion(p['relevant'], p['n']).text())}</td>"
+                         + "".join(f"<td>{e(_prop(p['judges'][n]).text())}</td>" for n in judge_names) + "</tr>"
+                         for p in threshold_rows(report))  # fmt: skip
+    judge_heads = "".join(f"<th>{e(n)}</th>" for n in judge_names)
     plot = (f'<img alt="accuracy and kept share by cosine threshold" src="data:image/png;base64,'
             f'{base64.b64encode(plot_png).decode()}">' if plot_png else
             f"<p>No threshold curve: {report['items_scored']} of {report['items']} sampled items have a cosine "
@@ -319,7 +337,8 @@ with a human verdict (majority of human labels), {report['ties']} ties. Interval
 <tbody><tr><th>overall</th>{cell(overall[2])}{cell(overall[3])}</tr></tbody></table>
 <h2>Accuracy and kept share against the cosine threshold</h2>
 {plot}
-<table><thead><tr><th>threshold</th><th>kept</th><th>accuracy above it</th></tr></thead><tbody>{thresholds}</tbody></table>
+<table><thead><tr><th>threshold</th><th>kept</th><th>accuracy above it (human)</th>{judge_heads}</tr></thead>
+<tbody>{thresholds}</tbody></table>
 <h2>By task, question type, difficulty and language</h2>
 <table><thead><tr><th></th><th></th><th>raw</th><th>filtered</th></tr></thead><tbody>{rows}</tbody></table>
 <h2>Reviewers</h2>

@@ -76,6 +76,11 @@ class FilterReport:
         return "\n".join(lines)
 
 
+def _encode_options(batch_tokens: int | None) -> dict[str, Any]:
+    """Options of every encode call of the filter (None: the model's own batch budget)."""
+    return {} if batch_tokens is None else {"batch_tokens": batch_tokens}
+
+
 def _query_vectors(records: list[dict[str, Any]], embedder: Any, options: dict[str, Any]):
     """Queries encoded with their record's `instruction` (grouped by it), else the model's own."""
     import numpy as np
@@ -112,8 +117,7 @@ def pair_scores(records: list[dict[str, Any]], embedder: Any, *, batch_tokens: i
 
     if not records:
         return np.zeros(0, dtype=np.float32)
-    options = {} if batch_tokens is None else {"batch_tokens": batch_tokens}
-    return _encode_pairs(records, embedder, options)[1]
+    return _encode_pairs(records, embedder, _encode_options(batch_tokens))[1]
 
 
 def drop_llm_negatives_above_positive(records: list[dict[str, Any]], query_vectors: Any, pos_scores: Any,
@@ -167,7 +171,7 @@ def filter_records(records: list[dict[str, Any]], embedder: Any, *, threshold: f
             valid.append(record)
         else:
             dropped["malformed"] += 1
-    options = {} if batch_tokens is None else {"batch_tokens": batch_tokens}  # None: the model's default
+    options = _encode_options(batch_tokens)
     scores = np.zeros(len(valid), dtype=np.float32)
     q = None
     if valid:

@@ -102,9 +102,12 @@ class Glossary:
             bucket.sort(key=lambda entry: -len(entry[0]))
         self._vectors = None
         if self.nearest:
-            options = {} if self.batch_tokens is None else {"batch_tokens": self.batch_tokens}
             self._vectors = self.embedder.encode_documents([t.text() for t in self.terms], show_progress=False,
-                                                           **options)  # fmt: skip
+                                                           **self._options)  # fmt: skip
+
+    @property
+    def _options(self) -> dict[str, Any]:
+        return {} if self.batch_tokens is None else {"batch_tokens": self.batch_tokens}
 
     @property
     def needs_embedder(self) -> bool:
@@ -132,10 +135,9 @@ class Glossary:
         """For each text, its contained terms then its nearest terms not already among them."""
         found = [self.contained(text) for text in texts]
         if self.nearest and texts:
-            options = {} if self.batch_tokens is None else {"batch_tokens": self.batch_tokens}
             k = self.nearest + MAX_CONTAINED
             for terms, row in zip(found, nearest_entries(self.embedder, texts, self._vectors, k,
-                                                          GLOSSARY_INSTRUCTION, options)):  # fmt: skip
+                                                          GLOSSARY_INSTRUCTION, self._options)):  # fmt: skip
                 extra = [self.terms[i] for i in row if self.terms[i] not in terms][: self.nearest]
                 terms.extend(extra)
         return found
