@@ -95,6 +95,7 @@ def test_report_figures_on_planted_labels(tmp_path):
     assert (at[0.7]["kept_share"], at[0.7]["relevant"], at[0.7]["n"]) == (0.6, 4, 5)
     assert (at[0.8]["kept_share"], at[0.8]["relevant"], at[0.8]["n"]) == (0.2, 2, 2)
     assert at[0.29]["kept_share"] == 1.0 and at[0.9]["kept_share"] == 0.0
+    assert (at[0.5]["judges"]["llm:judge"]["relevant"], at[0.5]["judges"]["llm:judge"]["n"]) == (6, 7)  # i0..i6
     # alice/bob: 8 shared items, 6 agree; alice says yes 6/8, bob 4/8 -> pe 0.5, kappa 0.5
     pair = next(a for a in report["agreement"] if (a["a"], a["b"]) == ("alice", "bob"))
     assert (pair["n"], pair["agreement"]) == (8, 0.75) and pair["kappa"] == pytest.approx(0.5)
