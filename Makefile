@@ -15,9 +15,14 @@ install:
 $(STAMP): pyproject.toml
 	$(MAKE) install
 
+# The review page is tested in a real headless browser: Debian's chromium, driven by Playwright.
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
+CHROMIUM = command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
+
 install-test:
 	$(TORCH)
-	$(PIP) install -e ".[test,demo,milvus,serve,cpu-fast]"
+	$(CHROMIUM)
+	$(PIP) install -e ".[test,demo,milvus,serve,cpu-fast,review]"
 	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
 
 demo: $(STAMP)

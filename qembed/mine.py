@@ -8,8 +8,9 @@ the embedding cache) in streaming batches into a vector index; queries are encod
 Selection rules: `qembed.negatives`.
 
 Output: one line per input record, in input order, with `neg`, `neg_ids`, `neg_scores` (query-negative
-scores) and `pos_scores` (query-positive scores) set; existing `neg` values are replaced. A run that stops
-resumes after the last complete line. A summary is printed and written next to the output
+scores) and `pos_scores` (query-positive scores) set; existing `neg` values are replaced, except negatives
+an LLM wrote (`qembed.data.pairs.llm_negatives`), which stay in front of the mined ones (id and score null).
+A run that stops resumes after the last complete line. A summary is printed and written next to the output
 (`<output stem>.summary.json`).
 """
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from qembed.data.corpus import CorpusFile, open_corpus
 from qembed.data.jsonl import JsonlAppender, iter_jsonl
-from qembed.data.pairs import PairRecord, read_pairs
+from qembed.data.pairs import PairRecord, llm_negatives, read_pairs
 from qembed.errors import QembedError
 from qembed.models.prompts import MODEL_DEFAULT, QueryFormat
 from qembed.negatives import (
@@ -222,9 +223,12 @@ def mine_hard_negatives(
                                            total=len(todo), show_progress=show_progress):  # fmt: skip
             for i, negatives in enumerate(selected):
                 record = dict(records[chunk.start + i].record)
-                record["neg"] = [docs[doc_ids[n.row]] for n in negatives]
-                record["neg_ids"] = [doc_ids[n.row] for n in negatives]
-                record["neg_scores"] = [round(n.score, 6) for n in negatives]
+                written = llm_negatives(record)  # kept in front (no corpus id, not scored here)
+                record["neg"] = written + [docs[doc_ids[n.row]] for n in negatives]
+                record["neg_ids"] = [None] * len(written) + [doc_ids[n.row] for n in negatives]
+                record["neg_scores"] = [None] * len(written) + [round(n.score, 6) for n in negatives]
+                if written:
+                    record["meta"] = {**record["meta"], "neg_source": "llm+mined", "llm_negatives": len(written)}
                 out.write(record)
     summary = stats.summary(config)
     summary.update({

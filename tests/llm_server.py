@@ -31,7 +31,17 @@ CASES = {
     "r500": "HTTP 500 on the first two attempts of each request",
     "hang": "the first attempt of each request hangs for 3 s",
     "down": "HTTP 503 always",
+    "badlabel": "classification: a label not in the list first, a listed one after the repair turn",
+    "fewnegs": "hard negatives: always one passage fewer than asked",
 }
+
+# The category set the scripted model proposes for a corpus (label proposal prompt).
+PROPOSED_LABELS = [
+    {"label": "Crop diseases", "description": "diseases of crops, their causes and control"},
+    {"label": "Fertiliser", "description": "fertilisers, nutrients and soil fertility"},
+    {"label": "Irrigation", "description": "watering, drainage and water management"},
+    {"label": "Other", "description": "anything else"},
+]
 
 
 @dataclass
@@ -58,6 +68,15 @@ def _query_text(prompt: str) -> str:
     return "how do farmers control rice blast disease"
 
 
+def judge_relevant(query: str, passage: str) -> bool:
+    """The scripted judge: relevant when query and passage share a word of 4+ letters (or two CJK characters)."""
+    words = {w for w in re.findall(r"[a-z]{4,}", query.casefold())}
+    if words & set(re.findall(r"[a-z]{4,}", passage.casefold())):
+        return True
+    cjk = re.sub(r"[^\u4e00-\u9fff]", "", query)
+    return any(cjk[i : i + 2] in passage for i in range(len(cjk) - 1))
+
+
 def default_reply(body: dict, attempt: int) -> Reply:
     """What the scripted model answers to `body`; `attempt` counts identical earlier requests (retries)."""
     messages = body["messages"]
@@ -75,6 +94,37 @@ def default_reply(body: dict, attempt: int) -> Reply:
         return Reply(503, content="overloaded")
     if case == "garbage":
         return Reply(content="I am sorry, as a large language model I cannot help with that ~~~ ###")
+
+    if "Propose a set of" in prompt:  # classification labels for a corpus
+        return Reply(content=_ok_json({"labels": PROPOSED_LABELS}))
+
+    if "Here is a passage and a list of categories." in prompt:  # classification
+        passage = re.search(r"<passage>\n(.*?)\n</passage>", prompt, re.DOTALL).group(1).casefold()
+        block = prompt.split("Categories:\n", 1)[1].split("\n\n", 1)[0]
+        names = re.findall(r"^- ([^:\n]+)", block, re.MULTILINE)
+        label = next((n for n in names if n.split()[0].casefold().rstrip("s") in passage), names[0])
+        if case == "badlabel" and repair_turns == 0:
+            label = "Astrology"
+        language = re.search(r", in ([A-Za-z ()]+?)\. Do not name", prompt).group(1)
+        text = "稻田里的叶片出现了褐色斑点" if "Chinese" in language else "brown spots appeared on the leaves after rain"
+        return Reply(content=_ok_json({"label": label, "text": text}))
+
+    if "do NOT answer the query" in prompt:  # LLM hard negatives
+        count = int(re.search(r"Write (\d+) different passages", prompt).group(1))
+        query = re.search(r"^Query: (.*)$", prompt, re.MULTILINE).group(1)
+        if case == "fewnegs":
+            count -= 1
+        if "different passages in Simplified Chinese" in prompt:
+            passages = [f"反例{i}：关于“{query}”这一话题、但回答另一个问题的段落。" for i in range(count)]
+        else:
+            passages = [f"Negative {i}: a passage on the topic of '{query}' about a related but different question."
+                        for i in range(count)]  # fmt: skip
+        return Reply(content=_ok_json({"passages": passages}))
+
+    if "Answer true only when" in prompt:  # the review judge
+        query = re.search(r"<query>\n(.*?)\n</query>", prompt, re.DOTALL).group(1)
+        passage = re.search(r"<passage>\n(.*?)\n</passage>", prompt, re.DOTALL).group(1)
+        return Reply(content=_ok_json({"relevant": judge_relevant(query, passage)}))
 
     if "Characters:" in prompt:  # stage 1
         character = _candidates(prompt)[0]

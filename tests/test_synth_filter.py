@@ -7,10 +7,12 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from qembed.cli import main
 from qembed.data.jsonl import read_jsonl, write_jsonl
 from qembed.errors import QembedError
 from qembed.synth.filter import filter_file, filter_records, length_bucket
@@ -76,7 +78,7 @@ def test_length_bucket_by_language():
 
 
 @pytest.mark.slow
-def test_filter_file_and_cli(minilm_path, tmp_path):
+def test_filter_file_and_cli(minilm_path, tmp_path, capsys):
     src = tmp_path / "synth.jsonl"
     write_jsonl(src, RECORDS[:2] + RECORDS[4:5])
     with pytest.raises(QembedError, match="differ"):
@@ -92,3 +94,14 @@ def test_filter_file_and_cli(minilm_path, tmp_path):
     kept = read_jsonl(out)
     assert [r["query"] for r in kept] == [RECORDS[0]["query"], RECORDS[1]["query"]]
     assert json.loads(out.read_text().splitlines()[0])["meta"]["score"] > 0.7
+
+    # --balance through the CLI (in this process): equal shares of the question types
+    write_jsonl(src, [RECORDS[0], RECORDS[1], _rec("rice blast fungicide spraying", RICE)])
+    balanced = tmp_path / "balanced.jsonl"
+    assert main(["filter", "--model", str(minilm_path), "--input", str(src), "--threshold", "0.3", "--balance",
+                 "meta.question_type", "--seed", "3", "--output", str(balanced), "--device", "cpu"]) == 0  # fmt: skip
+    assert "dropped       1  balance meta.question_type (equal shares)" in capsys.readouterr().out
+    assert Counter(r["meta"]["question_type"] for r in read_jsonl(balanced)) == {"acquire_knowledge": 1, "keywords": 1}
+    assert main(["filter", "--model", str(minilm_path), "--input", str(src), "--balance", "meta.domain=code:0.2",
+                 "--output", str(balanced)]) == 2  # fmt: skip
+    assert capsys.readouterr().err.splitlines() == ["qembed filter: error: --balance: no record has meta.domain"]

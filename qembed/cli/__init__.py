@@ -21,6 +21,7 @@ VERB_MODULES = [
     "qembed.cli.eval",
     "qembed.cli.synth",
     "qembed.cli.filter",
+    "qembed.cli.review",
     "qembed.cli.mine",
     "qembed.cli.train",
     "qembed.cli.merge",

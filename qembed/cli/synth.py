@@ -29,8 +29,9 @@ def add_parser(subparsers) -> None:
         help="generate synthetic queries for a corpus with an LLM (persona -> config -> query)",
         description="Two-stage synthesis as in the Qwen3-Embedding report: for each document an LLM picks a "
         "persona (top-5 by embedding similarity), question type and difficulty, then writes the query under "
-        "explicit type/difficulty/length/language requirements. Appends to --output; rerun the same command "
-        "to resume. Failures go to OUTPUT.rejects.jsonl.",
+        "explicit type/difficulty/length/language requirements. Other tasks: sts, classification, bitext, or a "
+        "seeded --task-mix of them. Appends to --output; rerun the same command to resume. Failures go to "
+        "OUTPUT.rejects.jsonl.",
     )
     p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl, another .jsonl with a text field, or .txt (one document per line)")
     p.add_argument("--text-field", default="text", help="text field of a .jsonl corpus (default: text)")
@@ -40,8 +41,24 @@ def add_parser(subparsers) -> None:
     llm.add_argument("--llm-local", metavar="PATH", help="a local transformers causal LM instead of a server")
     p.add_argument("--llm-model", help="model name sent to the server (required with --llm-base-url)")
     p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key (never printed)")
-    p.add_argument("--task", choices=["retrieval", "sts", "bitext"], default="retrieval",
-                   help="retrieval: (query, passage); sts: (paraphrase, sentence); bitext: (translation, segment)")
+    tasks = p.add_mutually_exclusive_group()
+    tasks.add_argument("--task", choices=["retrieval", "sts", "classification", "bitext"],
+                       help="retrieval: (query, passage); sts: (paraphrase, sentence); classification: (text, "
+                            "its label among --labels); bitext: (translation, segment) (default: retrieval)")  # fmt: skip
+    tasks.add_argument("--task-mix", metavar="TASK=SHARE,...",
+                       help="a task per document by a seeded draw, e.g. the Qwen3 mix "
+                            "retrieval=0.45,sts=0.25,classification=0.2,bitext=0.1 (shares sum to 1)")  # fmt: skip
+    p.add_argument("--labels", metavar="FILE",
+                   help="classification labels: one per line, or JSONL with label and description (default: the "
+                        "LLM proposes a set once from a sample of the corpus, kept in OUTPUT.labels.json)")  # fmt: skip
+    p.add_argument("--glossary", metavar="FILE",
+                   help="domain terms, one per line or TERM<TAB>DEFINITION: the terms a passage contains are "
+                        "offered to the LLM as vocabulary; those used go to meta.terms")  # fmt: skip
+    p.add_argument("--glossary-nearest", type=int, default=0, metavar="N",
+                   help="also offer the N glossary terms nearest to the passage by --embed-model similarity (default: 0)")
+    p.add_argument("--llm-negatives", type=int, default=0, metavar="N",
+                   help="retrieval: ask the LLM for N passages on the query's topic that do not answer it; they go "
+                        "to neg with meta.neg_source=llm (default: 0)")  # fmt: skip
     p.add_argument("--personas", help="persona file: JSONL with a 'persona' field (Persona Hub format) or text lines (default: the built-in library)")
     p.add_argument("--embed-model", default="Qwen/Qwen3-Embedding-0.6B", help="embedder that matches personas to documents")
     add_device_args(p, what="the persona embedder and a local LLM")
@@ -66,15 +83,19 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from qembed.synth.generate import SynthConfig, rejects_path, synthesize_corpus
     from qembed.synth.llm import LocalChat, OpenAIChat, RetryPolicy
+    from qembed.synth.mix import parse_task_mix
 
     config = SynthConfig(
-        task=args.task, languages=args.languages, queries_per_doc=args.queries_per_doc,
+        task=args.task or "retrieval", task_mix=parse_task_mix(args.task_mix) if args.task_mix else None,
+        llm_negatives=args.llm_negatives, languages=args.languages, queries_per_doc=args.queries_per_doc,
         words_range=args.words_range, chars_range=args.chars_range, max_repairs=args.max_repairs,
         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, concurrency=args.concurrency,
     )  # fmt: skip
     if args.limit is not None and args.limit < 1:
         raise QembedError("--limit must be at least 1")
-    check_output(args.output, corpus=args.corpus, personas=args.personas)
+    check_output(args.output, corpus=args.corpus, personas=args.personas, labels=args.labels, glossary=args.glossary)
+    if args.glossary_nearest and not args.glossary:
+        raise QembedError("--glossary-nearest needs --glossary")
     if args.llm_base_url:
         if not args.llm_model:
             raise QembedError("--llm-model is required with --llm-base-url")
@@ -88,12 +109,15 @@ def run(args) -> int:
     stats = synthesize_corpus(
         args.corpus, args.output, llm, config=config, personas=args.personas, embed_model=args.embed_model,
         device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens, text_field=args.text_field,
-        limit=args.limit, overwrite=args.overwrite,
+        limit=args.limit, overwrite=args.overwrite, labels=args.labels, glossary=args.glossary,
+        glossary_nearest=args.glossary_nearest,
     )  # fmt: skip
     rate = stats.done / stats.seconds if stats.seconds else 0.0
     rejects = rejects_path(args.output)
     print(f"wrote {stats.done} record(s) to {args.output} ({rate:.1f}/s); {stats.failed} failed "
           f"(see {rejects}); {stats.skipped} already done")  # fmt: skip
+    if len(config.tasks) > 1 and stats.tasks:
+        print("  by task: " + ", ".join(f"{task} {stats.tasks[task]}" for task in config.tasks if task in stats.tasks))
     if stats.rejected_before:
         print(f"{stats.rejected_before} rejected for good in an earlier run (not retried; --overwrite starts afresh)")
     for reason, count in sorted(stats.reasons.items(), key=lambda kv: -kv[1]):

@@ -65,3 +65,16 @@ def _strings(value: Any, name: str, where: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise QembedError(f"{where}: '{name}' must be a list of strings")
     return value
+
+
+def llm_negatives(record: dict[str, Any]) -> list[str]:
+    """The negatives an LLM wrote for a record (`qembed synth --llm-negatives`): the first
+    `meta.llm_negatives` of `neg` (all of them when that count is absent) when `meta.neg_source` is `llm`,
+    or `llm+mined` after `qembed mine` added mined ones behind them."""
+    meta = record.get("meta")
+    if not isinstance(meta, dict) or meta.get("neg_source") not in ("llm", "llm+mined"):
+        return []
+    neg = record.get("neg") or []
+    neg = [neg] if isinstance(neg, str) else [n for n in neg if isinstance(n, str)]
+    count = meta.get("llm_negatives")
+    return neg[:count] if isinstance(count, int) and count >= 0 else neg

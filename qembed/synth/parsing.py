@@ -84,13 +84,13 @@ def normalise_choice(value: Any, allowed: tuple[str, ...], aliases: dict[str, st
     raise ParseError(f"{field} {value!r} is not one of {', '.join(allowed)}")
 
 
-def match_character(value: Any, candidates: list[str]) -> str:
+def match_character(value: Any, candidates: list[str], what: str = "Character") -> str:
     """The candidate the model meant: exact or normalised match, its list number, a unique containment,
-    or a close fuzzy match. Raises `ParseError` otherwise."""
+    or a close fuzzy match. Raises `ParseError` (naming `what`) otherwise."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value.strip():
-        raise ParseError("Character must be one of the listed descriptions")
+        raise ParseError(f"{what} must be one of the listed {'descriptions' if what == 'Character' else 'names'}")
     if value in candidates:
         return value
     norm = normalize_text(value)
@@ -108,7 +108,8 @@ def match_character(value: Any, candidates: list[str]) -> str:
         close = difflib.get_close_matches(norm, normed, n=1, cutoff=0.8)
         if close:
             return candidates[normed.index(close[0])]
-    raise ParseError(f"Character {value[:80]!r} is not one of the listed descriptions")
+    listed = "descriptions" if what == "Character" else "names"
+    raise ParseError(f"{what} {value[:80]!r} is not one of the listed {listed}")
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,13 @@ def load_personas(path: str | Path | None = None) -> list[str]:
     return personas
 
 
+def cosine_encode_options(batch_tokens: int | None) -> dict:
+    """`encode` options of synth's similarity steps (personas, glossary, filter): unit vectors, because their
+    scores and thresholds are cosines whatever similarity the model declares; `batch_tokens` None: the model's
+    own budget."""
+    return {"normalize": True} | ({} if batch_tokens is None else {"batch_tokens": batch_tokens})
+
+
 @dataclass
 class PersonaMatcher:
     """Finds the `k` personas closest to each document. The persona library is embedded once, at
@@ -76,10 +83,7 @@ class PersonaMatcher:
 
     @property
     def _options(self) -> dict:
-        options: dict = {"normalize": True}  # personas are ranked by cosine
-        if self.batch_tokens is not None:
-            options["batch_tokens"] = self.batch_tokens
-        return options
+        return cosine_encode_options(self.batch_tokens)
 
     @property
     def needs_embedder(self) -> bool:
@@ -87,21 +91,25 @@ class PersonaMatcher:
 
     def candidates(self, documents: list[str]) -> list[list[str]]:
         """For each document, its top-`k` personas, most similar first."""
-        import numpy as np
-
         if not self.needs_embedder:
             return [list(self.personas) for _ in documents]
-        heads = [d[:DOC_CHARS_FOR_MATCHING] for d in documents]
-        if self.embedder.default_instruction is not None:  # instruction-aware model: documents ask the question
-            doc_vecs = self.embedder.encode_queries(heads, instruction=PERSONA_INSTRUCTION, show_progress=False,
-                                                   **self._options)
-        else:
-            doc_vecs = self.embedder.encode(heads, show_progress=False, **self._options)
-        scores = np.asarray(doc_vecs, dtype=np.float32) @ np.asarray(self.vectors, dtype=np.float32).T
-        k = self.k
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        result = []
-        for row, idx in zip(scores, top):
-            order = idx[np.argsort(-row[idx], kind="stable")]
-            result.append([self.personas[i] for i in order])
-        return result
+        top = nearest_entries(self.embedder, documents, self.vectors, self.k, PERSONA_INSTRUCTION, self._options)
+        return [[self.personas[i] for i in row] for row in top]
+
+
+def nearest_entries(embedder: Any, documents: list[str], vectors: Any, k: int, instruction: str,
+                    options: dict[str, int]) -> list[list[int]]:  # fmt: skip
+    """For each document (its first `DOC_CHARS_FOR_MATCHING` characters, asking as a query with
+    `instruction` on an instruction-aware model), the indices of its `k` nearest rows of `vectors` (entries
+    of a library embedded as documents), most similar first."""
+    import numpy as np
+
+    heads = [d[:DOC_CHARS_FOR_MATCHING] for d in documents]
+    if embedder.default_instruction is not None:  # instruction-aware model: documents ask the question
+        doc_vecs = embedder.encode_queries(heads, instruction=instruction, show_progress=False, **options)
+    else:
+        doc_vecs = embedder.encode(heads, show_progress=False, **options)
+    scores = np.asarray(doc_vecs, dtype=np.float32) @ np.asarray(vectors, dtype=np.float32).T
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return [[int(i) for i in idx[np.argsort(-row[idx], kind="stable")]] for row, idx in zip(scores, top)]
