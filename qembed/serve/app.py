@@ -357,6 +357,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, "rerank_top must be at least 1", param="rerank_top")
         if body.rerank:
             _require_reranker(state)
+        params = _search_params(index, body)
         if body.instruction is not None:
             options = {"instruction": body.instruction}
         else:
@@ -364,7 +365,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         seqs = await _tokenize(embedder.prepare, [body.query], **options)
         _check_lengths(state, seqs, state.input_limit, "query")
         query = _finish(await _run(state.embed_batcher, seqs, request), index.dim)
-        hits = (await run_in_threadpool(index.search_vectors, query, body.top_k))[0]
+        hits = (await run_in_threadpool(index.search_vectors, query, body.top_k, params))[0]
         tokens = len(seqs[0])
         if body.rerank and hits:
             from qembed.index.store import rerank_hits
@@ -378,6 +379,21 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             tokens += sum(map(len, pairs))
         results = [{k: v for k, v in vars(h).items() if v is not None} for h in hits]
         return _json({"results": results, "usage": _usage(tokens)})
+
+
+def _search_params(index, body: SearchRequest):
+    """The request's nprobe/ef as `SearchParams` (None when it sets neither); 400 when the index has no use for them."""
+    if body.nprobe is None and body.ef is None:
+        return None
+    from qembed.errors import QembedError
+    from qembed.index import SearchParams
+
+    try:
+        params = SearchParams(nprobe=body.nprobe, ef=body.ef)
+        index.vectors.check_params(params)
+    except QembedError as exc:
+        raise ApiError(400, str(exc), param="nprobe" if body.nprobe is not None else "ef") from None
+    return params
 
 
 def _require_reranker(state: ServerState):
