@@ -67,6 +67,7 @@ def test_flat_is_exact_and_streams(data):
 
 def test_flat_capacity_is_reserved_up_front(data):
     docs, _, ids, _, _ = data
+
     def address(index):  # where the vectors are stored: a regrowth copies them elsewhere
         return int(index._index.codes.data())
 
@@ -119,9 +120,18 @@ def test_id_list_holds_no_python_object_per_id(tmp_path):
     assert held / n < 40  # a list of str holds ~70 bytes per id (object + pointer)
     assert index.search(np.ones(4, np.float32), 1)[0][0][0].startswith("doc-")
     ids = index.ids
-    assert len(ids) == n and ids[0] == "doc-0000000" and ids[n - 1] == f"doc-{n - 1:07d}" and ids[-2] == ids[n - 2]
+    assert (
+        len(ids) == n
+        and ids[0] == "doc-0000000"
+        and ids[n - 1] == f"doc-{n - 1:07d}"
+        and ids[-2] == ids[n - 2]
+    )
     ids.extend(["ünïcode id", ""])
-    assert ids[n] == "ünïcode id" and ids[n + 1] == "" and ids[n - 1 : n + 1] == [f"doc-{n - 1:07d}", "ünïcode id"]
+    assert (
+        ids[n] == "ünïcode id"
+        and ids[n + 1] == ""
+        and ids[n - 1 : n + 1] == [f"doc-{n - 1:07d}", "ünïcode id"]
+    )
     ids.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.bin", "ids.ends.npy"]
     for mmap in (False, True):
@@ -207,7 +217,9 @@ def test_mmap_spec_and_older_folders(tmp_path, data):
     flat.add(docs)
     faiss.write_index(flat, str(old / "index.faiss"))
     (old / "ids.json").write_text(json.dumps(ids))
-    (old / "meta.json").write_text(json.dumps({"backend": "faiss", "kind": "flat", "dim": 32, "ef_search": 128}))
+    (old / "meta.json").write_text(
+        json.dumps({"backend": "faiss", "kind": "flat", "dim": 32, "ef_search": 128})
+    )
     assert load_index(old).search(queries[:2], 4)[0] == [[ids[r] for r in row] for row in order[:2, :4]]
 
 
@@ -263,7 +275,9 @@ def test_parse_spec_and_errors(tmp_path):
         open_index(f"milvus:{tmp_path / 'x.sqlite'}", 8)
 
 
-def test_index_build_and_search_cli_with_ivf(tmp_path, tiny_embedder_path, shared_dir, capsys, one_torch_thread):
+def test_index_build_and_search_cli_with_ivf(
+    tmp_path, tiny_embedder_path, shared_dir, capsys, one_torch_thread
+):
     corpus = tmp_path / "corpus.jsonl"
     source = (shared_dir / "data/nfcorpus/corpus.jsonl").read_text(encoding="utf-8").splitlines()[:60]
     corpus.write_text("\n".join(source) + "\n", encoding="utf-8")

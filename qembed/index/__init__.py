@@ -66,7 +66,10 @@ def _faiss_spec(spec: str, factory: str, query: str) -> dict:
     for key, value in _options(spec, query):
         name = _FAISS_OPTIONS.get(key.lower())
         if name is None:
-            raise QembedError(f"unknown FAISS option {key!r} in {spec!r}: use {', '.join(sorted(set(_FAISS_OPTIONS.values())))}")
+            raise QembedError(
+                f"unknown FAISS option {key!r} in {spec!r}: "
+                f"use {', '.join(sorted(set(_FAISS_OPTIONS.values())))}"
+            )
         if name == "mmap":
             if value.lower() not in ("0", "1", "true", "false"):
                 raise QembedError(f"bad option mmap={value!r} in {spec!r}: use mmap=1 or mmap=0")
@@ -83,7 +86,9 @@ def _milvus_spec(spec: str, uri: str, query: str) -> dict:
     pairs = _options(spec, query)
     index_type = next((v.upper() for k, v in pairs if k.lower() in ("index", "index_type")), "FLAT")
     if index_type not in INDEX_TYPES:
-        raise QembedError(f"unknown Milvus index type {index_type!r} in {spec!r}: use one of {', '.join(INDEX_TYPES)}")
+        raise QembedError(
+            f"unknown Milvus index type {index_type!r} in {spec!r}: use one of {', '.join(INDEX_TYPES)}"
+        )
     if index_type != "FLAT":
         options["index_type"] = index_type
     build = {name.lower(): name for name in INDEX_TYPES[index_type]}
@@ -98,7 +103,9 @@ def _milvus_spec(spec: str, uri: str, query: str) -> dict:
             options.setdefault("index_params", {})[build[key.lower()]] = _int_option(spec, key, value)
         else:
             known = ", ".join([*INDEX_TYPES[index_type], *SEARCH_KEYS.get(index_type, {})]) or "none"
-            raise QembedError(f"unknown option {key!r} for a Milvus {index_type} index in {spec!r} (known: {known})")
+            raise QembedError(
+                f"unknown option {key!r} for a Milvus {index_type} index in {spec!r} (known: {known})"
+            )
     return options
 
 
@@ -162,7 +169,9 @@ def open_index(
     from qembed.index.milvus_index import MilvusIndex
 
     arg = {**arg, **options}
-    return MilvusIndex(arg.pop("uri"), dim, collection=collection, overwrite=overwrite, temporary=temporary, **arg)
+    return MilvusIndex(
+        arg.pop("uri"), dim, collection=collection, overwrite=overwrite, temporary=temporary, **arg
+    )
 
 
 def load_index(path: str | Path, **options) -> VectorIndex:

@@ -33,7 +33,9 @@ class SearchParams:
         """These parameters, with `defaults` filling the ones that are None."""
         if defaults is None:
             return self
-        return SearchParams(**{f.name: _first(getattr(self, f.name), getattr(defaults, f.name)) for f in fields(self)})
+        return SearchParams(
+            **{f.name: _first(getattr(self, f.name), getattr(defaults, f.name)) for f in fields(self)}
+        )
 
     def given(self) -> dict[str, int]:
         """The parameters that are set, by name."""
@@ -115,7 +117,9 @@ class IdList(Sequence[str]):
     def save(self, path: str | Path) -> None:
         """Write `ids.bin` (the ids' UTF-8 bytes, back to back) and `ids.ends.npy` in the folder `path`."""
         path = Path(path)
-        (path / "ids.bin").write_bytes(bytes(self._blob[: int(self._ends[self._count - 1]) if self._count else 0]))
+        (path / "ids.bin").write_bytes(
+            bytes(self._blob[: int(self._ends[self._count - 1]) if self._count else 0])
+        )
         np.save(path / "ids.ends.npy", self._ends[: self._count])
 
     @classmethod
@@ -173,8 +177,15 @@ def rows_to_ids(rows: np.ndarray, ids: Sequence[str]) -> list[list[str]]:
     return [[ids[r] for r in row if r >= 0] for row in rows.tolist()]
 
 
-def measure_recall(index: VectorIndex, queries: np.ndarray, exact_rows: np.ndarray, *, k: int = 10,
-                   params: SearchParams | None = None, query_rows: np.ndarray | None = None) -> float:  # fmt: skip
+def measure_recall(
+    index: VectorIndex,
+    queries: np.ndarray,
+    exact_rows: np.ndarray,
+    *,
+    k: int = 10,
+    params: SearchParams | None = None,
+    query_rows: np.ndarray | None = None,
+) -> float:
     """Mean recall@k of `index` against the exact top-k rows `exact_rows` (nq, k; -1 padding) of `queries`.
 
     With `query_rows` (each query's own row in the index, as when documents serve as queries), that row is
@@ -228,7 +239,9 @@ class RecallProbe:
             all_rows = np.concatenate([self.top_rows, rows], axis=1)
             best = np.argsort(-all_scores, axis=1, kind="stable")[:, : self.k]
             self._top_scores = np.take_along_axis(all_scores, best, axis=1)
-            self.top_rows = np.where(np.isfinite(self._top_scores), np.take_along_axis(all_rows, best, axis=1), -1)
+            self.top_rows = np.where(
+                np.isfinite(self._top_scores), np.take_along_axis(all_rows, best, axis=1), -1
+            )
         self.count += len(vectors)
 
     def recall(self, index: VectorIndex, params: SearchParams | None = None) -> float:
@@ -237,4 +250,6 @@ class RecallProbe:
             raise QembedError("the recall probe saw no vectors")
         if len(index) != self.count:
             raise QembedError(f"the index holds {len(index)} vectors but the recall probe saw {self.count}")
-        return measure_recall(index, self.queries, self.top_rows, k=self.k, params=params, query_rows=self.query_rows)
+        return measure_recall(
+            index, self.queries, self.top_rows, k=self.k, params=params, query_rows=self.query_rows
+        )

@@ -34,7 +34,9 @@ def new_faiss_index(dim: int, factory: str):
         return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown"
-        raise QembedError(f"FAISS cannot build {factory!r} for dim {dim}: {reason.split('failed: ')[-1]}") from None
+        raise QembedError(
+            f"FAISS cannot build {factory!r} for dim {dim}: {reason.split('failed: ')[-1]}"
+        ) from None
 
 
 def check_factory(factory: str) -> None:
@@ -93,7 +95,9 @@ class FaissIndex:
         if self._ivf is not None:
             self._ivf.cp.seed = self.seed
         for pq in (self._find(faiss.IndexPQ), self._find(faiss.IndexIVFPQ)):
-            if pq is not None:  # qembed never uses polysemous (Hamming) filtering; training it is most of PQ's cost
+            if (
+                pq is not None
+            ):  # qembed never uses polysemous (Hamming) filtering; training it is most of PQ's cost
                 pq.do_polysemous_training = False
         self.defaults = SearchParams(
             nprobe=nprobe if nprobe is not None or self._ivf is None else _default_nprobe(self._ivf.nlist),
@@ -188,7 +192,9 @@ class FaissIndex:
                 self._index.train(sample)
             except RuntimeError as exc:
                 reason = str(exc).strip().splitlines()[-1].split("failed: ")[-1]
-                raise QembedError(f"cannot train FAISS {self.factory!r} on {len(sample)} vectors: {reason}") from None
+                raise QembedError(
+                    f"cannot train FAISS {self.factory!r} on {len(sample)} vectors: {reason}"
+                ) from None
         pending, self._pending, self._pending_count = self._pending, [], 0
         for block in pending:
             self._index.add(block)
@@ -198,11 +204,15 @@ class FaissIndex:
             return
         held = np.concatenate(self._pending)
         if len(held) > self.train_size:
-            held = held[np.sort(np.random.default_rng(self.seed).choice(len(held), self.train_size, replace=False))]
+            held = held[
+                np.sort(np.random.default_rng(self.seed).choice(len(held), self.train_size, replace=False))
+            ]
         minimum = self._ivf.nlist if self._ivf is not None else 1
         if len(held) < minimum:
-            raise QembedError(f"FAISS {self.factory!r} needs at least {minimum} vectors to train, got {len(held)}: "
-                              "use fewer IVF lists for a corpus this small")  # fmt: skip
+            raise QembedError(
+                f"FAISS {self.factory!r} needs at least {minimum} vectors to train, got {len(held)}: "
+                "use fewer IVF lists for a corpus this small"
+            )
         self.train(held)
 
     def check_params(self, params: SearchParams) -> None:
@@ -215,15 +225,19 @@ class FaissIndex:
     def _ivf_over_hnsw(self) -> bool:
         import faiss
 
-        return self._ivf is not None and isinstance(faiss.downcast_index(self._ivf.quantizer), faiss.IndexHNSW)
+        return self._ivf is not None and isinstance(
+            faiss.downcast_index(self._ivf.quantizer), faiss.IndexHNSW
+        )
 
     def _search_parameters(self, params: SearchParams, k: int, keep: list):
         """faiss SearchParameters for this index (None when nothing applies); `keep` holds the nested objects."""
         import faiss
 
-        # wrapper index type -> (its inner index, its parameters class, the field holding the inner parameters)
-        wrappers = {faiss.IndexPreTransform: ("index", faiss.SearchParametersPreTransform, "index_params"),
-                    faiss.IndexRefine: ("base_index", faiss.IndexRefineSearchParameters, "base_index_params")}  # fmt: skip
+        # wrapper index type -> (inner index field, its parameters class, field holding the inner parameters)
+        wrappers = {
+            faiss.IndexPreTransform: ("index", faiss.SearchParametersPreTransform, "index_params"),
+            faiss.IndexRefine: ("base_index", faiss.IndexRefineSearchParameters, "base_index_params"),
+        }
 
         def build(index):
             wrapped = next((w for kind, w in wrappers.items() if isinstance(index, kind)), None)
@@ -237,7 +251,9 @@ class FaissIndex:
             elif isinstance(index, faiss.IndexIVF):
                 wrapper = faiss.SearchParametersIVF()
                 wrapper.nprobe = int(params.nprobe or index.nprobe)
-                if params.ef is not None and isinstance(faiss.downcast_index(index.quantizer), faiss.IndexHNSW):
+                if params.ef is not None and isinstance(
+                    faiss.downcast_index(index.quantizer), faiss.IndexHNSW
+                ):
                     quantizer = faiss.SearchParametersHNSW()
                     quantizer.efSearch = max(int(params.ef), int(wrapper.nprobe))
                     keep.append(quantizer)
@@ -283,7 +299,9 @@ class FaissIndex:
         params: SearchParams | None = None,
     ) -> tuple[list[list[str]], np.ndarray]:  # fmt: skip
         """Top-k document ids per query (best first) and their scores, float32 (nq, min(k, len))."""
-        rows, scores = self.search_rows(queries, k, batch_size=batch_size, show_progress=show_progress, params=params)
+        rows, scores = self.search_rows(
+            queries, k, batch_size=batch_size, show_progress=show_progress, params=params
+        )
         return rows_to_ids(rows, self.ids), scores
 
     def save(self, path: str | Path) -> None:
@@ -312,8 +330,13 @@ class FaissIndex:
         factory = meta.get("factory") or ("HNSW32" if meta.get("kind") == "hnsw" else "Flat")  # older folders
         ef = meta.get("ef", meta.get("ef_search"))
         mmap = bool(meta.get("mmap")) if mmap is None else mmap
-        index = cls(meta["dim"], factory=factory, nprobe=meta.get("nprobe"), ef=ef if "HNSW" in factory else None,
-                    mmap=bool(meta.get("mmap")))  # fmt: skip
+        index = cls(
+            meta["dim"],
+            factory=factory,
+            nprobe=meta.get("nprobe"),
+            ef=ef if "HNSW" in factory else None,
+            mmap=bool(meta.get("mmap")),
+        )
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index._index = faiss.read_index(str(path / "index.faiss"), flags)
         index._ivf = faiss.try_extract_index_ivf(index._index)
@@ -322,7 +345,10 @@ class FaissIndex:
         if (path / "ids.ends.npy").is_file():
             index._ids, index._has_ids = IdList.load(path, mmap=mmap), True
         elif (path / "ids.json").is_file():  # folders written before ids.bin
-            index._ids, index._has_ids = IdList(json.loads((path / "ids.json").read_text(encoding="utf-8"))), True
+            index._ids, index._has_ids = (
+                IdList(json.loads((path / "ids.json").read_text(encoding="utf-8"))),
+                True,
+            )
         else:
             index._has_ids = False if meta.get("ids") is False else None
         if index._ids is not None and index._index.ntotal != len(index._ids):

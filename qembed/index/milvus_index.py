@@ -201,7 +201,9 @@ class MilvusIndex:
         uri = _resolve(uri)
         index_type = index_type.upper()
         if index_type not in INDEX_TYPES:
-            raise QembedError(f"unknown Milvus index type {index_type!r}: use one of {', '.join(INDEX_TYPES)}")
+            raise QembedError(
+                f"unknown Milvus index type {index_type!r}: use one of {', '.join(INDEX_TYPES)}"
+            )
         self.defaults = SearchParams(nprobe=nprobe, ef=ef)
         search_params_for(index_type, self.defaults)
         if temporary is None:
@@ -220,13 +222,17 @@ class MilvusIndex:
         if reopen:
             if not exists:
                 self.close()
-                raise QembedError(f"Milvus collection {collection!r} does not exist at {uri} (was it dropped?)")
+                raise QembedError(
+                    f"Milvus collection {collection!r} does not exist at {uri} (was it dropped?)"
+                )
             self._reopen()
             return
         if exists and not overwrite:
             self.close()
-            raise QembedError(f"Milvus collection {collection!r} already exists at {uri}: pass overwrite=True "
-                              "(--overwrite) to replace it")  # fmt: skip
+            raise QembedError(
+                f"Milvus collection {collection!r} already exists at {uri}: pass overwrite=True "
+                "(--overwrite) to replace it"
+            )
         if exists:
             self._client.drop_collection(collection)
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -234,11 +240,15 @@ class MilvusIndex:
         schema.add_field("doc_id", DataType.VARCHAR, max_length=MAX_ID_LENGTH)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
         params = self._client.prepare_index_params()
-        params.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=index_params or {})
+        params.add_index(
+            field_name="vector", index_type=index_type, metric_type="IP", params=index_params or {}
+        )
         if temporary:
             self._drop.append(collection)  # from here on, a failure drops what this run made
         if not lite:
-            self._client.create_collection(collection, schema=schema, index_params=params, consistency_level="Strong")
+            self._client.create_collection(
+                collection, schema=schema, index_params=params, consistency_level="Strong"
+            )
         else:  # waiting for the index calls AllocTimestamp, which Milvus Lite lacks (a logged traceback)
             self._client.create_collection(collection, schema=schema, consistency_level="Strong")
             self._client.create_index(collection, params, sync=False)
@@ -250,7 +260,9 @@ class MilvusIndex:
         field = next((f for f in fields if f["name"] == "vector"), None)
         if field is None or {f["name"] for f in fields} < {"row", "doc_id"}:
             self.close()
-            raise QembedError(f"Milvus collection {self.collection!r} was not made by qembed (no row/doc_id/vector)")
+            raise QembedError(
+                f"Milvus collection {self.collection!r} was not made by qembed (no row/doc_id/vector)"
+            )
         found = int(field["params"]["dim"])
         if found != self.dim:
             self.close()
@@ -372,7 +384,8 @@ class MilvusIndex:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {"backend": "milvus", "uri": self.uri, "collection": self.collection, "dim": self.dim,
-                "index_type": self.index_type, "nprobe": self.defaults.nprobe, "ef": self.defaults.ef}  # fmt: skip
+                "index_type": self.index_type, "nprobe": self.defaults.nprobe,
+                "ef": self.defaults.ef}  # fmt: skip
         # the token is never written: `load_index(path, token=...)` takes it from the caller
         (path / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
 
@@ -380,4 +393,5 @@ class MilvusIndex:
     def load(cls, path: str | Path, *, token: str = "") -> MilvusIndex:
         meta = json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
         return cls(meta["uri"], meta["dim"], collection=meta["collection"], reopen=True, token=token,
-                   index_type=meta.get("index_type", "FLAT"), nprobe=meta.get("nprobe"), ef=meta.get("ef"))  # fmt: skip
+                   index_type=meta.get("index_type", "FLAT"), nprobe=meta.get("nprobe"),
+                   ef=meta.get("ef"))  # fmt: skip
