@@ -177,11 +177,16 @@ def mine_hard_negatives(
             yield text
 
     store = None
-    for start, batch in encode_documents.iter_chunks(texts(), total=len(doc_ids), show_progress=show_progress,
-                                                     desc="corpus"):  # fmt: skip
-        if store is None:
-            store = open_index(index, batch.shape[1], capacity=len(doc_ids), collection="qembed_mine")
-        store.add(doc_ids[start : start + len(batch)], batch)
+    try:
+        for start, batch in encode_documents.iter_chunks(texts(), total=len(doc_ids), show_progress=show_progress,
+                                                         desc="corpus"):  # fmt: skip
+            if store is None:
+                store = open_index(index, batch.shape[1], capacity=len(doc_ids))
+            store.add(doc_ids[start : start + len(batch)], batch)
+    except BaseException:
+        if store is not None:
+            store.close()  # drops a temporary Milvus collection
+        raise
     corpus_s = time.perf_counter() - t0
     row_of = docs.rows if on_disk else {doc_id: row for row, doc_id in enumerate(doc_ids)}
     sorted_hashes = np.sort(row_hashes)
@@ -218,7 +223,7 @@ def mine_hard_negatives(
 
     stats = MiningStats()
     t0 = time.perf_counter()
-    with JsonlAppender(output, fsync=False) as out:
+    with JsonlAppender(output, fsync=False) as out, store:  # closing the index drops a temporary collection
         for chunk, selected in mine_chunks(store, chunks(), config, stats, row_hashes=row_hashes, guard=guard,
                                            total=len(todo), show_progress=show_progress):  # fmt: skip
             for i, negatives in enumerate(selected):

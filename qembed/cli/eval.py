@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
              help="settings to compare: default (the model's instruction), none; e.g. default,none")
     p.add_argument("--dim", type=int, help="Matryoshka dimension, first N components re-normalised (default: full)")
     add_list(p, "--k", item=int, default=[1, 5, 10, 30, 100], metavar="K", help="metric cut-offs")
-    p.add_argument("--index", default="faiss", help="faiss (exact) | hnsw[:m=32,ef_search=128] | milvus:PATH.db | milvus:URI")
+    p.add_argument("--index", default="faiss", help="faiss (exact) | faiss:FACTORY[?nprobe=N] | hnsw[:m=32,ef_search=128] | milvus:PATH.db | milvus:URI[?index=HNSW]")
     p.add_argument("--reranker", metavar="R", help="reranker model that reorders the top candidates")
     p.add_argument("--rerank-top", type=int, default=100, help="candidates per query given to the reranker (default: 100)")
     p.add_argument("--ndcg-gain", choices=["linear", "exponential"], default="linear",

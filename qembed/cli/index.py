@@ -23,7 +23,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--corpus", required=True, help="BEIR folder, corpus.jsonl, JSONL with 'text', or .txt")
     add_output_args(p, help="index folder to write (or rebuild: only new or changed documents are encoded)",
                     metavar="DIR")  # fmt: skip
-    p.add_argument("--index", default="faiss", help="faiss | hnsw[:m=32,...] | milvus:PATH.db | milvus:http://HOST:PORT")
+    p.add_argument("--index", default="faiss", help="faiss | faiss:FACTORY[?nprobe=N] (IVF4096,Flat, HNSW32,SQ8, ...) | "
+                   "hnsw[:m=32,...] | milvus:PATH.db | milvus:http://HOST:PORT[?index=HNSW&M=16] (README: Indexes)")  # fmt: skip
     p.add_argument("--dim", type=int, help="Matryoshka dimension, first N components re-normalised (default: full)")
     p.add_argument("--collection", help="Milvus collection name (default: a new unique name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Milvus collection of that name")
@@ -41,6 +42,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--reranker", help="re-score the first --rerank-top hits with this reranker")
     s.add_argument("--rerank-top", type=int, help="hits to rerank (default: --top-k)")
     s.add_argument("--json", action="store_true", help="print the hits as one JSON object")
+    add_search_param_args(s)
     add_milvus_token_arg(s)
     add_device_args(s, what="the models")
     add_quantize_arg(s)
@@ -51,6 +53,20 @@ def add_parser(subparsers) -> None:
 def add_milvus_token_arg(p) -> None:
     p.add_argument("--milvus-token-env", default="MILVUS_TOKEN", metavar="VAR",
                    help="environment variable holding the Milvus token (default: MILVUS_TOKEN)")  # fmt: skip
+
+
+def add_search_param_args(p) -> None:
+    p.add_argument("--nprobe", type=int, help="IVF lists searched per query (default: the index's own)")
+    p.add_argument("--ef", type=int, help="HNSW candidate list per query (default: the index's own)")
+
+
+def search_params(args):
+    """The `SearchParams` of --nprobe/--ef (None when neither is given)."""
+    from qembed.index import SearchParams
+
+    if args.nprobe is None and args.ef is None:
+        return None
+    return SearchParams(nprobe=args.nprobe, ef=args.ef)
 
 
 def milvus_token(args) -> str:
@@ -71,8 +87,9 @@ def run_build(args) -> int:
                          token=milvus_token(args))  # fmt: skip
     m = result.manifest
     where = f" (Milvus collection {m.collection})" if m.collection else ""
+    recall = f", recall@10 {m.recall_at_10:.3f} of exact" if m.recall_at_10 is not None else ""
     print(f"indexed {m.count} documents into {args.output}{where}: {result.encoded} encoded, "
-          f"{result.cached} from the cache, dim {m.dim}, {m.build_seconds:.1f} s")  # fmt: skip
+          f"{result.cached} from the cache, dim {m.dim}{recall}, {m.build_seconds:.1f} s")  # fmt: skip
     return 0
 
 
@@ -83,9 +100,10 @@ def run_search(args) -> int:
     if args.top_k < 1:
         raise QembedError("--top-k must be at least 1")
     manifest = Manifest.read(args.index)
+    params = search_params(args)
     embedder = Embedder.from_pretrained(args.model or manifest.model, device=args.device, dtype=args.dtype,
                                         quantize=args.quantize)  # fmt: skip
-    index = open_search_index(args.index, embedder, token=milvus_token(args))
+    index = open_search_index(args.index, embedder, token=milvus_token(args), params=params)
     reranker = None
     if args.reranker:
         from qembed.models.reranker import Reranker

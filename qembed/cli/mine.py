@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
     instr.add_argument("--instruction", default=None, help="query instruction (default: the model's own)")
     instr.add_argument("--no-instruction", action="store_true", help="encode queries without instruction")
     p.add_argument("--dim", type=int, default=None, help="Matryoshka dimension (default: full)")
-    p.add_argument("--index", default="faiss", help="faiss | hnsw | milvus:PATH.db | milvus:http://HOST:PORT")
+    p.add_argument("--index", default="faiss", help="faiss | faiss:FACTORY[?nprobe=N] | hnsw | milvus:PATH.db | milvus:http://HOST:PORT[?index=HNSW]")
     p.add_argument("--cache-dir", default=None,
                    help="embedding cache (default: $QEMBED_CACHE or ~/.cache/qembed/embeddings)")
     p.add_argument("--chunk-size", type=int, default=1024, help="queries encoded and searched at a time")

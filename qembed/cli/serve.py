@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from qembed.cli.common import add_model_args, add_quantize_arg
+from qembed.cli.index import add_search_param_args, search_params
 from qembed.errors import QembedError
 
 
@@ -13,6 +14,7 @@ def add_parser(subparsers) -> None:
     add_model_args(p, help="embedding model: local folder or hub id", batch=False)
     p.add_argument("--reranker", help="reranker model (enables /v1/rerank and reranked search)")
     p.add_argument("--index", help="index folder from `qembed index build` (enables /v1/search)")
+    add_search_param_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--served-model-name", help="the model name clients send and the only one accepted "
@@ -56,12 +58,13 @@ def run(args) -> int:
     if args.metrics_require_key and not api_key:
         raise QembedError("--metrics-require-key needs --api-key-env")
     token = os.environ.get(args.milvus_token_env, "") if args.milvus_token_env else ""
+    params = search_params(args)  # a bad value fails before the model loads
     embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     index = None
     if args.index:
         from qembed.serve.generation import open_generation
 
-        index = open_generation(args.index, embedder, token=token)
+        index = open_generation(args.index, embedder, token=token, params=params)
     reranker = None
     if args.reranker:
         from qembed.models.reranker import Reranker

@@ -103,47 +103,46 @@ def evaluate(
         except (TypeError, ValueError) as exc:  # a bad query format, a dim below the Matryoshka minimum
             raise QembedError(f"{name}: {exc}") from None
         vector_index, doc_keys, corpus_timing = _index_corpus(docs, dataset, index, show_progress, name)
-        for fmt in formats:
-            timings = {"load_s": load_s, **corpus_timing}
-            t = time.perf_counter()
-            queries = CachedEncoder(emb, query_format=fmt, normalize=emb.search_normalize, **options)
-            query_vectors = np.concatenate([v for _, v in queries.iter_chunks(
-                [dataset.queries[q] for q in dataset.query_ids], show_progress=show_progress,
-                desc=f"{_short(name)}: queries")])  # fmt: skip
-            timings["encode_queries_s"] = time.perf_counter() - t
-            timings["queries_encoded"] = queries.stats.encoded
-
-            t = time.perf_counter()
-            depth = min(len(doc_keys), max(ks[-1], rerank_top if rr else 0))
-            rows, _ = vector_index.search_rows(query_vectors, min(len(doc_keys), depth + TIE_MARGIN),
-                                              show_progress=show_progress)
-            run = {qid: _exact_ranking(row, vector, docs, doc_keys, dataset.doc_ids, depth)
-                   for qid, row, vector in zip(dataset.query_ids, rows, query_vectors)}  # fmt: skip
-            timings["search_s"] = time.perf_counter() - t
-            if rr is not None:
+        with vector_index:  # a temporary Milvus collection is dropped here, also on failure
+            for fmt in formats:
+                timings = {"load_s": load_s, **corpus_timing}
                 t = time.perf_counter()
-                run = rerank_run(rr, dataset, run, rerank_top, show_progress, batch_tokens=batch_tokens)
-                timings["rerank_s"] = time.perf_counter() - t
-            metrics = evaluate_run(run, dataset.qrels, ks, METRICS, gain=ndcg_gain).mean
-            timings["total_s"] = sum(v for key, v in timings.items() if key.endswith("_s"))
-            results.append({
-                "model": name,
-                "dataset": dataset.name,
-                "split": dataset.split,
-                "instruction": fmt.label,
-                "query_format": fmt.kind,
-                "dim": int(query_vectors.shape[1]),
-                "reranker": rr_name,
-                "quantize": emb.quantize,
-                "index": index,
-                "ndcg_gain": ndcg_gain,
-                "num_queries": len(dataset.query_ids),
-                "num_docs": len(doc_keys),
-                "metrics": {key: round(float(value), 6) for key, value in metrics.items()},
-                "timings": {key: round(v, 3) if isinstance(v, float) else v for key, v in timings.items()},
-            })  # fmt: skip
-        if hasattr(vector_index, "close"):
-            vector_index.close()
+                queries = CachedEncoder(emb, query_format=fmt, normalize=emb.search_normalize, **options)
+                query_vectors = np.concatenate([v for _, v in queries.iter_chunks(
+                    [dataset.queries[q] for q in dataset.query_ids], show_progress=show_progress,
+                    desc=f"{_short(name)}: queries")])  # fmt: skip
+                timings["encode_queries_s"] = time.perf_counter() - t
+                timings["queries_encoded"] = queries.stats.encoded
+
+                t = time.perf_counter()
+                depth = min(len(doc_keys), max(ks[-1], rerank_top if rr else 0))
+                rows, _ = vector_index.search_rows(query_vectors, min(len(doc_keys), depth + TIE_MARGIN),
+                                                  show_progress=show_progress)
+                run = {qid: _exact_ranking(row, vector, docs, doc_keys, dataset.doc_ids, depth)
+                       for qid, row, vector in zip(dataset.query_ids, rows, query_vectors)}  # fmt: skip
+                timings["search_s"] = time.perf_counter() - t
+                if rr is not None:
+                    t = time.perf_counter()
+                    run = rerank_run(rr, dataset, run, rerank_top, show_progress, batch_tokens=batch_tokens)
+                    timings["rerank_s"] = time.perf_counter() - t
+                metrics = evaluate_run(run, dataset.qrels, ks, METRICS, gain=ndcg_gain).mean
+                timings["total_s"] = sum(v for key, v in timings.items() if key.endswith("_s"))
+                results.append({
+                    "model": name,
+                    "dataset": dataset.name,
+                    "split": dataset.split,
+                    "instruction": fmt.label,
+                    "query_format": fmt.kind,
+                    "dim": int(query_vectors.shape[1]),
+                    "reranker": rr_name,
+                    "quantize": emb.quantize,
+                    "index": index,
+                    "ndcg_gain": ndcg_gain,
+                    "num_queries": len(dataset.query_ids),
+                    "num_docs": len(doc_keys),
+                    "metrics": {key: round(float(value), 6) for key, value in metrics.items()},
+                    "timings": {key: round(v, 3) if isinstance(v, float) else v for key, v in timings.items()},
+                })  # fmt: skip
         if output is not None:
             write_outputs(results, output)
     return results
@@ -201,13 +200,18 @@ def _index_corpus(docs: CachedEncoder, dataset: RetrievalDataset, spec: str, sho
             keys.append(text_key(text))
             yield text
 
-    for start, vectors in docs.iter_chunks(texts(), total=len(doc_ids), show_progress=show_progress,
-                                           desc=f"{_short(name)}: corpus"):  # fmt: skip
-        if vector_index is None:
-            vector_index = open_index(spec, vectors.shape[1], **({"capacity": len(doc_ids)} if spec == "faiss" else {}))
-        t_add = time.perf_counter()
-        vector_index.add(doc_ids[start : start + len(vectors)], vectors)
-        add_s += time.perf_counter() - t_add
+    try:
+        for start, vectors in docs.iter_chunks(texts(), total=len(doc_ids), show_progress=show_progress,
+                                               desc=f"{_short(name)}: corpus"):  # fmt: skip
+            if vector_index is None:
+                vector_index = open_index(spec, vectors.shape[1], capacity=len(doc_ids))
+            t_add = time.perf_counter()
+            vector_index.add(doc_ids[start : start + len(vectors)], vectors)
+            add_s += time.perf_counter() - t_add
+    except BaseException:
+        if vector_index is not None:
+            vector_index.close()  # drops a temporary Milvus collection
+        raise
     total = time.perf_counter() - t
     log.info("%s: corpus %d from cache, %d encoded", name, docs.stats.hits, docs.stats.encoded)
     timings = {"encode_corpus_s": total - add_s, "index_add_s": add_s, "corpus_encoded": docs.stats.encoded}

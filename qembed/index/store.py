@@ -10,9 +10,7 @@ Layout of `DIR`:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -24,7 +22,8 @@ import numpy as np
 from qembed.data.corpus import iter_corpus
 from qembed.errors import QembedError
 from qembed.files import atomic_write_json
-from qembed.index import load_index, open_index, parse_spec
+from qembed.index import RecallProbe, SearchParams, load_index, open_index, parse_spec
+from qembed.index.milvus_index import build_collection, drop_collection, saved_collection
 
 MANIFEST = "manifest.json"
 FORMAT = "qembed-index-1"
@@ -44,6 +43,7 @@ class Manifest:
     build_seconds: float
     encoded: int = 0  # documents encoded by the last build (the rest came from the cache)
     collection: str | None = None  # Milvus collection this folder created (and may replace)
+    recall_at_10: float | None = None  # an approximate index's recall@10 against exact search, measured at build
     format: str = FORMAT
 
     @classmethod
@@ -99,7 +99,9 @@ def build_index(
 
     Rebuilding an existing folder re-encodes only new or changed documents (the folder's embedding cache).
     For Milvus, the collection is `collection` or a fresh unique name; an existing collection that this
-    folder did not create is never dropped unless `overwrite=True`.
+    folder did not create is never dropped unless `overwrite=True`. A rebuild writes a new collection and
+    drops the one it replaces only after the manifest has switched to the new one.
+    An approximate index's recall@10 against exact search (`RecallProbe`) goes into the manifest.
     """
     from qembed.eval.cache import CachedEncoder
 
@@ -111,14 +113,16 @@ def build_index(
     backend, arg = parse_spec(index)
     out_dim = embedder._check_dim(dim) if dim is not None else embedder.hidden_size
     options: dict = {}
+    replaced = saved_collection(output / "vectors") if previous is not None and previous.collection else None
     if backend == "milvus":
-        collection = _milvus_collection(arg, collection, previous, output, overwrite, token)
-        options = {"collection": collection, "overwrite": True, "token": token}
+        collection = build_collection(arg["uri"], collection, previous.collection if previous else None,
+                                      overwrite=overwrite, token=token, owner=str(output))  # fmt: skip
+        options = {"collection": collection, "overwrite": overwrite, "temporary": True, "token": token}
     output.mkdir(parents=True, exist_ok=True)
     tmp_docs = output / ".docs.jsonl.tmp"
     vectors_tmp = output / ".vectors.tmp"
     shutil.rmtree(vectors_tmp, ignore_errors=True)
-    vector_index = None
+    vector_index = probe = None
     encoder = CachedEncoder(embedder, prompt=embedder.document_prompt, dim=dim, cache_dir=output / "cache",
                             normalize=embedder.search_normalize, batch_tokens=batch_tokens)  # fmt: skip
     stats = encoder.stats
@@ -130,11 +134,15 @@ def build_index(
                                                   desc="index"):  # fmt: skip
             if vector_index is None:
                 vector_index = open_index(index, out_dim, **options)
+                probe = None if vector_index.exact else RecallProbe()
             vector_index.add(ids[begin : begin + len(vectors)], vectors)
+            if probe is not None:
+                probe.add(vectors)
     if vector_index is None:
         raise QembedError(f"{corpus}: the corpus is empty")
     if len(set(ids)) < len(ids):
         raise QembedError(f"{corpus}: document ids are not unique")
+    recall = round(probe.recall(vector_index), 4) if probe is not None else None
     vector_index.save(vectors_tmp)
     np.save(output / ".docs.offsets.tmp.npy", np.asarray(offsets, dtype=np.int64))
     # Swap the new files in (each rename is atomic; the manifest comes last).
@@ -148,35 +156,18 @@ def build_index(
         document_prompt=embedder.document_prompt, count=len(ids), index=index,
         built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         build_seconds=round(time.perf_counter() - start, 3), encoded=stats.encoded,
-        collection=collection if backend == "milvus" else None,
+        collection=collection if backend == "milvus" else None, recall_at_10=recall,
     )  # fmt: skip
     atomic_write_json(output / MANIFEST, asdict(manifest), indent=1)
+    if replaced is not None and replaced[1] == previous.collection:  # switched: the old collection can go
+        drop_collection(*replaced, token=token)
     return BuildResult(manifest, encoded=stats.encoded, cached=stats.hits)
-
-
-def _milvus_collection(uri: str, name: str | None, previous: Manifest | None, output: Path, overwrite: bool,
-                       token: str) -> str:  # fmt: skip
-    """The collection to (re)create: never one that exists and that this folder did not create."""
-    from qembed.index.milvus_index import collection_exists
-
-    if name is None:
-        if previous is not None and previous.collection:
-            return previous.collection  # this folder's own collection: rebuilt in place
-        seed = f"{output.resolve()}:{time.time_ns()}:{os.getpid()}"
-        return "qembed_" + hashlib.sha1(seed.encode()).hexdigest()[:16]
-    owned = previous is not None and previous.collection == name
-    if not owned and not overwrite and collection_exists(uri, name, token=token):
-        raise QembedError(
-            f"Milvus collection {name!r} already exists and was not created by {output}: "
-            "pick another --collection or pass --overwrite to replace it"
-        )
-    return name
 
 
 class SearchIndex:
     """An index folder opened for searching with the model that built it."""
 
-    def __init__(self, directory: str | Path, embedder, *, token: str = "") -> None:
+    def __init__(self, directory: str | Path, embedder, *, token: str = "", params: SearchParams | None = None) -> None:
         self.directory = Path(directory)
         self.manifest = Manifest.read(self.directory)
         if embedder.fingerprint != self.manifest.fingerprint:
@@ -187,6 +178,9 @@ class SearchIndex:
             )
         self.embedder = embedder
         self.vectors = load_index(self.directory / "vectors", **({"token": token} if token else {}))
+        self.params = params  # default search parameters (`SearchParams`) over the index's own
+        if params is not None:
+            self.vectors.check_params(params)
         self._offsets = np.load(self.directory / "docs.offsets.npy")
         if len(self._offsets) != len(self.vectors):
             raise QembedError(f"{self.directory}: {len(self.vectors)} vectors but {len(self._offsets)} documents")
@@ -205,9 +199,10 @@ class SearchIndex:
             record = json.loads(f.readline())
         return record["id"], record["text"]
 
-    def search_vectors(self, queries: np.ndarray, top_k: int = 10) -> list[list[Hit]]:
-        """Hits (best first) for each query vector."""
-        rows, scores = self.vectors.search_rows(queries, top_k)
+    def search_vectors(self, queries: np.ndarray, top_k: int = 10, params: SearchParams | None = None) -> list[list[Hit]]:
+        """Hits (best first) for each query vector; `params` override this index's search parameters."""
+        params = params.over(self.params) if params is not None else self.params
+        rows, scores = self.vectors.search_rows(queries, top_k, params=params)
         hits = []
         for row_list, score_list in zip(rows.tolist(), scores.tolist()):
             found = []
@@ -227,9 +222,9 @@ class SearchIndex:
         return self.embedder.encode_queries(queries, **options)
 
     def search(self, query: str, top_k: int = 10, *, instruction: str | None = None, reranker=None,
-               rerank_top: int | None = None) -> list[Hit]:  # fmt: skip
+               rerank_top: int | None = None, params: SearchParams | None = None) -> list[Hit]:  # fmt: skip
         """Hits for one query; with `reranker`, the first `rerank_top` (default top_k) are re-scored and re-sorted."""
-        hits = self.search_vectors(self.encode_queries([query], instruction), top_k)[0]
+        hits = self.search_vectors(self.encode_queries([query], instruction), top_k, params)[0]
         if reranker is not None:
             hits = rerank_hits(reranker, query, hits, rerank_top, instruction)
         return hits
@@ -247,9 +242,11 @@ def rerank_hits(reranker, query: str, hits: list[Hit], rerank_top: int | None, i
     return head + hits[len(head) :]
 
 
-def open_search_index(directory: str | Path, embedder, *, token: str = "") -> SearchIndex:
-    """Open an index folder for searching; refuses an embedder other than the one that built it."""
-    return SearchIndex(directory, embedder, token=token)
+def open_search_index(directory: str | Path, embedder, *, token: str = "",
+                      params: SearchParams | None = None) -> SearchIndex:  # fmt: skip
+    """Open an index folder for searching; refuses an embedder other than the one that built it. `params`:
+    default search parameters (nprobe, ef) over the ones the index was built with."""
+    return SearchIndex(directory, embedder, token=token, params=params)
 
 
 def search_index(directory: str | Path, embedder, query: str, top_k: int = 10, **kwargs) -> list[Hit]:

@@ -208,7 +208,8 @@ def reload_index(state: ServerState) -> dict:
         if not hasattr(old, "directory"):
             raise ApiError(409, "this index was not opened from a folder: nothing to reload", code="reload_failed")
         try:
-            new = open_generation(old.directory, state.embedder, token=state.config.milvus_token)
+            new = open_generation(old.directory, state.embedder, token=state.config.milvus_token,
+                                  params=getattr(old, "params", None))
         except QembedError as exc:
             log.error("qembed serve: index reload failed, still serving the build of %s: %s",
                       old.manifest.built_at, exc)  # fmt: skip
@@ -470,6 +471,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, "rerank_top must be at least 1", param="rerank_top")
         if body.rerank:
             _require_reranker(state)
+        params = _search_params(index, body)
         if body.instruction is not None:
             _check_texts([body.instruction], "instruction", indexed=False)
             options = {"instruction": body.instruction}
@@ -480,7 +482,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         truncated = await _truncated(seqs, state.input_limit, longer)
         _handle_truncated(state, truncated, state.input_limit, "query", "/v1/search")
         query = _finish(embedder, await _run(state.embed_batcher, seqs, request), index.dim, for_search=True)
-        hits = (await run_in_threadpool(index.search_vectors, query, body.top_k))[0]
+        hits = (await run_in_threadpool(index.search_vectors, query, body.top_k, params))[0]
         tokens = len(seqs[0])
         pair_truncated: list[bool] = []
         if body.rerank and hits:
@@ -511,6 +513,21 @@ async def _prepare_pairs(state: ServerState, query: str, documents: list[str], i
         query, [documents[i] for i in at], instruction=instruction))  # fmt: skip
     _handle_truncated(state, truncated, state.rerank_limit, param, route)
     return seqs, truncated
+
+
+def _search_params(index, body: SearchRequest):
+    """The request's nprobe/ef as `SearchParams` (None when it sets neither); 400 when the index has no use for them."""
+    if body.nprobe is None and body.ef is None:
+        return None
+    from qembed.errors import QembedError
+    from qembed.index import SearchParams
+
+    try:
+        params = SearchParams(nprobe=body.nprobe, ef=body.ef)
+        index.vectors.check_params(params)
+    except QembedError as exc:
+        raise ApiError(400, str(exc), param="nprobe" if body.nprobe is not None else "ef") from None
+    return params
 
 
 def _require_reranker(state: ServerState):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qembed.errors import QembedError
+from qembed.index import SearchParams
 from qembed.index.store import MANIFEST, Manifest, SearchIndex
 
 _WATCHED = (MANIFEST, "docs.jsonl", "docs.offsets.npy", "vectors", "vectors/meta.json")
@@ -26,8 +27,9 @@ _WATCHED = (MANIFEST, "docs.jsonl", "docs.offsets.npy", "vectors", "vectors/meta
 class PinnedSearchIndex(SearchIndex):
     """A `SearchIndex` whose document texts come from the `docs.jsonl` handle it was opened with."""
 
-    def __init__(self, directory: str | Path, embedder, *, docs_file, token: str = "") -> None:
-        super().__init__(directory, embedder, token=token)
+    def __init__(self, directory: str | Path, embedder, *, docs_file, token: str = "",
+                 params: SearchParams | None = None) -> None:  # fmt: skip
+        super().__init__(directory, embedder, token=token, params=params)
         self._docs = docs_file
         size = os.fstat(docs_file.fileno()).st_size
         self._ends = np.append(np.asarray(self._offsets[1:], dtype=np.int64), size)
@@ -59,7 +61,8 @@ def _snapshot(directory: Path) -> tuple:
     return tuple(result)
 
 
-def open_generation(directory: str | Path, embedder, *, token: str = "", timeout: float = 30.0) -> PinnedSearchIndex:
+def open_generation(directory: str | Path, embedder, *, token: str = "", params: SearchParams | None = None,
+                    timeout: float = 30.0) -> PinnedSearchIndex:  # fmt: skip
     """Open the index folder's current build consistently.
 
     While a rebuild is swapping files in (the folder changes during the open, or its files disagree), the
@@ -73,7 +76,7 @@ def open_generation(directory: str | Path, embedder, *, token: str = "", timeout
         docs_file = index = error = None
         try:
             docs_file = (directory / "docs.jsonl").open("rb")
-            index = PinnedSearchIndex(directory, embedder, docs_file=docs_file, token=token)
+            index = PinnedSearchIndex(directory, embedder, docs_file=docs_file, token=token, params=params)
         except Exception as exc:  # noqa: BLE001 - a file replaced mid-open fails in many ways; judged below
             error = exc
         after = _snapshot(directory)

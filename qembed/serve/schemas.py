@@ -55,3 +55,5 @@ class SearchRequest(BaseModel):
     rerank: StrictBool = False
     rerank_top: StrictInt | None = None
     model: StrictStr | None = None
+    nprobe: StrictInt | None = None  # search parameters over the index's own (`qembed.index.SearchParams`)
+    ef: StrictInt | None = None
