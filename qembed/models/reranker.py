@@ -79,7 +79,7 @@ def _shared_prefix_cache_class():
         def from_cache(cls, cache: DynamicCache) -> SharedPrefixCache:
             return cls([(layer.keys, layer.values) for layer in cache.layers])
 
-        def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):  # newer transformers pass kwargs=
             layer, rows = self.layers[layer_idx], key_states.shape[0]
             return (torch.cat([layer.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
                     torch.cat([layer.values.expand(rows, -1, -1, -1), value_states], dim=-2))  # fmt: skip
