@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qembed.data.jsonl import iter_jsonl, write_jsonl
+from qembed.data.formats import iter_qembed_dicts
+from qembed.data.jsonl import write_jsonl
 from qembed.data.text import normalize_text
 from qembed.errors import QembedError
 from qembed.synth.parsing import detect_language, length_unit, text_length
@@ -119,7 +120,7 @@ def filter_file(input_path: str | Path, output_path: str | Path, model: str, *, 
         raise QembedError(f"--threshold {threshold} is not a cosine similarity (between -1 and 1)")
     if Path(input_path).resolve() == Path(output_path).resolve():
         raise QembedError("--output must differ from --input")
-    records = list(iter_jsonl(input_path, allow_truncated_tail=True))
+    records = [record for _, record in iter_qembed_dicts(input_path, allow_truncated_tail=True)]
     embedder = Embedder.from_pretrained(model, device=device, dtype=dtype)
     kept, report = filter_records(records, embedder, threshold=threshold, batch_tokens=batch_tokens)
     write_jsonl(output_path, kept)
