@@ -94,3 +94,17 @@ def test_base_model_of_a_local_chain(trained, tmp_path):
     assert base_model_info(str(trained)) == ("Qwen/Qwen3-Embedding-0.6B", "apache-2.0")
     assert base_model_info("Qwen/Qwen3-Embedding-0.6B") == ("Qwen/Qwen3-Embedding-0.6B", None)  # not cached here
     assert base_model_info(str(tmp_path)) == (None, None)
+
+
+def test_reranker_card(tiny_reranker_path, trained, tmp_path):
+    from qembed import Reranker
+
+    out = tmp_path / "reranker"
+    data = trained.parent / "pairs.jsonl"
+    assert main(["train", "reranker", "--model", str(tiny_reranker_path), "--data", str(data), "--output", str(out),
+                 "--batch-size", "4", "--max-steps", "1", "--full", "--no-progress"]) == 0  # fmt: skip
+    meta = read_front_matter(out / "README.md")
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-ranking"
+    assert "base_model" not in meta and "reranker" in meta["tags"] and "matryoshka" not in meta["tags"]
+    assert "Reranker.from_pretrained" in (out / "README.md").read_text()
+    assert len(Reranker.from_pretrained(out).score("rice", ["rice growing guide"])) == 1
