@@ -301,6 +301,10 @@ def check_hub_data(tasks: Sequence) -> None:
     from datasets import get_dataset_config_names
 
     for task in tasks:
+        subtasks = getattr(task.metadata, "tasks", None)  # an aggregate task: its parts hold the data
+        if subtasks:
+            check_hub_data(subtasks)
+            continue
         dataset = task.metadata.dataset
         try:
             get_dataset_config_names(dataset["path"], revision=dataset.get("revision"))
