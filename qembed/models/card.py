@@ -229,7 +229,7 @@ def train_card(output: str | Path, cfg, *, records: Sequence = (), eval_split: s
                steps: int = 0, best_step: int | None = None) -> Path:  # fmt: skip
     """The card of a `qembed train` output: the training data and configuration, and the evaluation of the saved
     weights from `train_log.jsonl` (the best step's when they were loaded, else the last step's)."""
-    from qembed.train.config import saved_record
+    from qembed.train.config import CONFIG_FILE, saved_record
 
     output = Path(output)
     evaluations = []
@@ -241,7 +241,9 @@ def train_card(output: str | Path, cfg, *, records: Sequence = (), eval_split: s
                                       label=f"step {chosen['step']}"))  # fmt: skip
     unused = {*(() if cfg.lora else ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "merge_lora")),
               *(() if cfg.eval_dataset else ("eval_steps", "eval_split", "eval_metric", "load_best"))}
-    config = {k: v for k, v in saved_record(cfg).items()
+    saved = output / CONFIG_FILE  # written at the start of the run: the options, auto ones resolved
+    options = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else saved_record(cfg)
+    config = {k: v for k, v in options.items()
               if k not in CONFIG_SKIP and k not in unused and v is not None and v != []}  # fmt: skip
     config["steps"] = steps
     sections = [("Training data", _data_summary(cfg.data, records)), ("Training configuration", _table(config))]
