@@ -56,9 +56,10 @@ def add_convert_parser(tools) -> None:
         "positive_messages, negative_messages); st: sentence-transformers columns (anchor, positive, negative_1..n). "
         "Files: .jsonl, .parquet, or a datasets folder (save_to_disk) for any other name.",
     )  # fmt: skip
-    conv.add_argument("--from", dest="from_format", choices=FORMATS, default=None,
-                      help="format of --input (default: detected from its first row)")  # fmt: skip
-    conv.add_argument("--to", dest="to_format", choices=FORMATS, required=True, help="format to write")
+    conv.add_argument("--from", dest="from_format", choices=FORMATS, default=None, metavar="FORMAT",
+                      help=f"format of --input: {', '.join(FORMATS)} (default: detected from its first row)")  # fmt: skip
+    conv.add_argument("--to", dest="to_format", choices=FORMATS, required=True, metavar="FORMAT",
+                      help=f"format to write: {', '.join(FORMATS)}")  # fmt: skip
     conv.add_argument("--input", required=True, metavar="PATH", help="pairs: .jsonl, .parquet or a datasets folder")
     add_output_args(conv, help="where to write: .jsonl, .parquet, or any other name for a datasets folder",
                     metavar="PATH")  # fmt: skip
