@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qembed.errors import QembedError
+from qembed.models.card import merge_card
 from qembed.models.layout import (
     RECORD_FILE,
     ModelRecord,
@@ -200,6 +201,7 @@ def merge_models(
                 merged_state[key] = states[0][key] if source is None else merged_state[source].clone()
         _write(output, files_from, merged_state, layout)
         write_record(output, _merged_record(record, files_from, merged_state))
+    merge_card(output, [str(m) for m in models], method=method, weights=weights, t=t)
     return output
 
 

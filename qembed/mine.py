@@ -50,7 +50,7 @@ def load_pairs(path: str | Path, split: str = "train") -> tuple[list[PairRecord]
     """Records from training-format JSONL (`qembed.data.pairs`), or from a BEIR folder (then also its
     corpus, kept on disk when large)."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() or (path / "state.json").is_file():  # a file, or a folder saved with datasets' save_to_disk
         return read_pairs(path), None
     from qembed.data.beir import RetrievalDataset
 

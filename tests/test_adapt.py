@@ -89,6 +89,30 @@ def test_every_stage_runs_and_best_reproduces_the_report(full_run, minilm_path):
     assert choice["test"]["recall@5"] > base["recall@5"] + 0.1  # fine-tuning helped a lot on this slice
 
 
+def test_best_has_a_model_card_with_the_summary_figures(full_run, minilm_path):
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from qembed import Embedder
+    from qembed.models.card import read_front_matter
+
+    out, _ = full_run
+    summary = json.loads((out / "summary.json").read_text())
+    choice = summary["recommendation"]
+    meta = read_front_matter(out / "best" / "README.md")
+    assert meta["library_name"] == "sentence-transformers" and meta["pipeline_tag"] == "sentence-similarity"
+    assert "domain-adaptation" in meta["tags"]
+    by_split = {r["dataset"]["split"]: {m["type"]: m["value"] for m in r["metrics"]} for r in meta["model-index"][0]["results"]}
+    assert by_split["test"] == {k.replace("@", "_at_"): v for k, v in choice["test"].items()}
+    assert by_split["dev"] == {k.replace("@", "_at_"): v for k, v in choice["dev"].items()}
+    card = (out / "best" / "README.md").read_text()
+    assert "## Before and after (test split)" in card and "| before: base model |" in card
+    assert f"| after: {choice['variant']} |" in card
+    st = SentenceTransformer(str(out / "best"), device="cpu")  # the folder loads as is
+    assert np.allclose(st.encode(["rice blast"]), Embedder.from_pretrained(out / "best").encode_documents(["rice blast"]),
+                       atol=1e-4)  # fmt: skip
+
+
 def test_merged_weights_lie_between_base_and_fine_tuned(full_run, minilm_path):
     import torch
     from safetensors.torch import load_file

@@ -19,6 +19,7 @@ VERB_MODULES = [
     "qembed.cli.rerank",
     "qembed.cli.data",
     "qembed.cli.eval",
+    "qembed.cli.mteb",
     "qembed.cli.synth",
     "qembed.cli.filter",
     "qembed.cli.review",

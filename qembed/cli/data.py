@@ -1,4 +1,4 @@
-"""`qembed data <tool>`: dataset preparation (`qa-to-beir`)."""
+"""`qembed data <tool>`: dataset preparation (`qa-to-beir`, `convert`)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def add_parser(subparsers) -> None:
     add_output_args(qa, help="BEIR folder to write", metavar="DIR")
     add_progress_args(qa)
     qa.set_defaults(func=run_qa_to_beir)
+    add_convert_parser(tools)
 
 
 def run_qa_to_beir(args: argparse.Namespace) -> int:
@@ -42,4 +43,36 @@ def run_qa_to_beir(args: argparse.Namespace) -> int:
     for line in summary.lines():
         print(line)
     print(f"wrote {args.output}/corpus.jsonl, queries.jsonl, qrels/train.tsv, qrels/test.tsv")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- data convert
+def add_convert_parser(tools) -> None:
+    from qembed.data.formats import FORMATS
+
+    conv = tools.add_parser(
+        "convert", help="training pairs between formats: qembed JSONL, ms-swift embedding rows, sentence-transformers",
+        description="qembed: {query, pos, neg, instruction}; swift: ms-swift's embedding format (messages, "
+        "positive_messages, negative_messages); st: sentence-transformers columns (anchor, positive, negative_1..n). "
+        "Files: .jsonl, .parquet, or a datasets folder (save_to_disk) for any other name.",
+    )  # fmt: skip
+    conv.add_argument("--from", dest="from_format", choices=FORMATS, default=None, metavar="FORMAT",
+                      help=f"format of --input: {', '.join(FORMATS)} (default: detected from its first row)")  # fmt: skip
+    conv.add_argument("--to", dest="to_format", choices=FORMATS, required=True, metavar="FORMAT",
+                      help=f"format to write: {', '.join(FORMATS)}")  # fmt: skip
+    conv.add_argument("--input", required=True, metavar="PATH", help="pairs: .jsonl, .parquet or a datasets folder")
+    add_output_args(conv, help="where to write: .jsonl, .parquet, or any other name for a datasets folder",
+                    metavar="PATH")  # fmt: skip
+    add_progress_args(conv)
+    conv.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from qembed.data.formats import convert, note_lines
+
+    check_output(args.output, input=args.input)
+    records, rows, notes = convert(args.input, args.output, from_format=args.from_format, to_format=args.to_format)
+    for line in note_lines(notes, args.to_format):
+        print(f"note: {line}")
+    print(f"read {records} record(s), wrote {rows} {args.to_format} row(s) to {args.output}")
     return 0

@@ -15,7 +15,9 @@ def add_parser(subparsers) -> None:
         "positive, and prints a report.",
     )
     add_model_args(p, help="embedding model (name or path)")
-    p.add_argument("--input", required=True, help="synthetic pairs JSONL (output of qembed synth)")
+    p.add_argument("--input", required=True,
+                   help="synthetic pairs JSONL (output of qembed synth), or ms-swift / sentence-transformers rows "
+                        "(JSONL, .parquet or a datasets folder)")
     add_output_args(p, help="filtered JSONL, rewritten (each record gets meta.score)")
     p.add_argument("--threshold", type=float, default=0.7, help="keep pairs with cosine above this")
     p.add_argument("--balance", metavar="FIELD[=VALUE:SHARE,...]",

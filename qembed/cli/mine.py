@@ -14,7 +14,8 @@ def add_parser(subparsers) -> None:
     )
     add_model_args(p, help="embedding model (name or folder)")
     p.add_argument("--input", required=True, metavar="PAIRS",
-                   help="training-format JSONL ({query, pos, ...}) or a BEIR folder (uses --split qrels)")
+                   help="training pairs (qembed JSONL {query, pos, ...}, or ms-swift / sentence-transformers rows in "
+                        "JSONL, .parquet or a datasets folder) or a BEIR folder (uses --split qrels)")
     p.add_argument("--split", default="train", help="qrels split when --input is a BEIR folder")
     p.add_argument("--corpus", metavar="FILE", default=None,
                    help="BEIR folder/corpus.jsonl, JSONL with 'text', or .txt (one doc per line) "

@@ -22,7 +22,8 @@ def _margin(text: str) -> float | None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder or hub id to start from")
     add_list(p, "--data", required=True, metavar="FILES",
-             help="training JSONL file(s), comma-separated or repeated ({query, pos, neg})")  # fmt: skip
+             help="training pairs, comma-separated or repeated: qembed JSONL ({query, pos, neg}), ms-swift or "
+                  "sentence-transformers rows (JSONL, .parquet or a datasets folder; see qembed data convert)")  # fmt: skip
     p.add_argument(
         "--output", required=True, help="output folder: the trained model, checkpoints/ and train_log.jsonl"
     )

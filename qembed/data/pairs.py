@@ -1,7 +1,9 @@
 """Training pairs: the one record schema of `train`, `mine` and `filter` output, validated in one place.
 
 A record is `{"query": str, "pos": str | [str, ...], "neg"?: str | [str, ...], "instruction"?: str,
-"pos_ids"?: [id, ...]}` (`pos_ids` as long as `pos`); other fields are kept as they are.
+"pos_ids"?: [id, ...]}` (`pos_ids` as long as `pos`); other fields are kept as they are. Files of other
+trainers' formats (ms-swift, sentence-transformers; JSONL, Parquet or a `datasets` folder) are read through
+`qembed.data.formats`, which turns their rows into such records.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qembed.data.jsonl import iter_numbered_jsonl
 from qembed.errors import QembedError
 
 
@@ -45,15 +46,18 @@ def parse_pair(raw: dict[str, Any], where: str) -> PairRecord:
     return PairRecord(query, pos, neg, instruction or None, pos_ids, raw)
 
 
-def iter_pairs(path: str | Path) -> Iterator[tuple[int, PairRecord]]:
-    """`(line number, record)` for every record of a training-format JSONL file, streamed."""
-    for number, raw in iter_numbered_jsonl(path):
+def iter_pairs(path: str | Path, format: str | None = None) -> Iterator[tuple[int, PairRecord]]:
+    """`(line or row number, record)` for every record of a pairs file, streamed: qembed JSONL, or any format
+    and container of `qembed.data.formats` (`format` None: detected from the first row)."""
+    from qembed.data.formats import iter_qembed_dicts
+
+    for number, raw in iter_qembed_dicts(path, format):
         yield number, parse_pair(raw, f"{path}:{number}")
 
 
-def read_pairs(path: str | Path) -> list[PairRecord]:
-    """Every record of a training-format JSONL file; an empty file raises `QembedError`."""
-    records = [record for _, record in iter_pairs(path)]
+def read_pairs(path: str | Path, format: str | None = None) -> list[PairRecord]:
+    """Every record of a pairs file (see `iter_pairs`); an empty file raises `QembedError`."""
+    records = [record for _, record in iter_pairs(path, format)]
     if not records:
         raise QembedError(f"{path}: no training records (the file is empty)")
     return records

@@ -26,6 +26,7 @@ RERANK_PREFIX = f"<|im_start|>system\n{RERANK_SYSTEM}<|im_end|>\n<|im_start|>use
 RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 _INSTRUCT_PROMPT = re.compile(r"^Instruct: (?P<instruction>.*)\nQuery:$", re.DOTALL)
+_INSTRUCT_QUERY = re.compile(r"^Instruct: (?P<instruction>.*?)\nQuery:(?P<query>.*)$", re.DOTALL)
 
 
 def query_prefix(instruction: str | None) -> str:
@@ -36,6 +37,14 @@ def query_prefix(instruction: str | None) -> str:
 def format_query(query: str, instruction: str | None) -> str:
     """A query as Qwen3-Embedding expects it; without an instruction the query is unchanged."""
     return query_prefix(instruction) + query
+
+
+def split_query(text: str) -> tuple[str, str | None]:
+    """The inverse of `format_query`: `(query, instruction)` of a text in the Qwen3 template, else `(text, None)`."""
+    match = _INSTRUCT_QUERY.match(text)
+    if match is None or not match.group("instruction"):
+        return text, None
+    return match.group("query"), match.group("instruction")
 
 
 @dataclass(frozen=True)

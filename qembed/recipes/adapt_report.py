@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from qembed.eval.report import plot_recall
+from qembed.models.card import adapt_card
 
 COLUMNS = ["recall@1", "recall@5", "recall@10", "recall@30", "recall@100", "ndcg@10", "mrr@10"]
 
@@ -189,4 +190,5 @@ def write_report(cfg: dict, out: Path, seconds: dict[str, float]) -> dict:
                "merge": merge, "results": results, "baselines": baselines, "recommendation": {**choice, "serve": serve},
                "seconds": seconds}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    adapt_card(best_dir, summary, COLUMNS)
     return summary

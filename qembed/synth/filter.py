@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qembed.data.jsonl import iter_jsonl, write_jsonl
+from qembed.data.formats import iter_qembed_dicts
+from qembed.data.jsonl import write_jsonl
 from qembed.data.pairs import llm_negatives
 from qembed.data.text import normalize_text
 from qembed.errors import QembedError
@@ -219,7 +220,7 @@ def filter_file(input_path: str | Path, output_path: str | Path, model: str, *, 
         raise QembedError(f"--threshold {threshold} is not a cosine similarity (between -1 and 1)")
     if Path(input_path).resolve() == Path(output_path).resolve():
         raise QembedError("--output must differ from --input")
-    records = list(iter_jsonl(input_path, allow_truncated_tail=True))
+    records = [record for _, record in iter_qembed_dicts(input_path, allow_truncated_tail=True)]
     if balance is not None:
         check_balance(records, balance)
     embedder = Embedder.from_pretrained(model, device=device, dtype=dtype)

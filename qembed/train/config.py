@@ -112,7 +112,7 @@ def validate(cfg: TrainConfig, recipe: str) -> None:
     if not cfg.data:
         raise QembedError("no training data given (--data)")
     for path in cfg.data:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise QembedError(f"training data file not found: {path}")
     if cfg.lora is False and cfg.lora_targets:
         raise QembedError("--lora-targets needs LoRA: drop --full")
@@ -162,13 +162,17 @@ def check_model(cfg: TrainConfig, recipe: str) -> None:
 
 
 def data_fingerprint(paths: list[str]) -> list[str]:
-    """SHA-256 of each training data file."""
+    """SHA-256 of each training data file (of a `datasets` folder: of its files' names and contents)."""
     digests = []
     for path in paths:
         digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+        for file in files:
+            if Path(path).is_dir():
+                digest.update(str(file.relative_to(path)).encode() + b"\0")
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
         digests.append(digest.hexdigest())
     return digests
 

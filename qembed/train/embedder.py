@@ -160,6 +160,6 @@ def train_embedder(cfg: TrainConfig, *, on_step=None) -> TrainResult:
     task = Task(
         model=emb.model, batches=batches, step=step, evaluate=evaluate if run.eval_data else None,
         export=lambda out: export_model(emb, peft_model, cfg, out, emb.model_dir),
-        eval_split=run.eval_data.split if run.eval_data else None,
+        eval_split=run.eval_data.split if run.eval_data else None, records=records,
     )  # fmt: skip
     return run_training(cfg, task, on_step=on_step)

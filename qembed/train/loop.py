@@ -20,6 +20,7 @@ import torch
 
 from qembed.data.jsonl import JsonlAppender, iter_jsonl, write_jsonl
 from qembed.errors import QembedError
+from qembed.models.card import train_card
 from qembed.progress import progress_bar
 from qembed.train import checkpoint, distributed
 from qembed.train.config import CONFIG_FILE, TrainConfig, check_model, check_output, saved_record, validate
@@ -41,6 +42,7 @@ class Task:
     export: Callable[[Path], None]
     evaluate: Callable[[], dict[str, float]] | None = None
     eval_split: str | None = None
+    records: list = field(default_factory=list)  # the training records (for the model card's data summary)
 
 
 @dataclass
@@ -259,6 +261,8 @@ def run_training(
         )
     if is_main:
         task.export(output)
+        train_card(output, cfg, records=task.records, eval_split=task.eval_split, steps=state["step"],
+                   best_step=state.get("best_step") if cfg.load_best else None)  # fmt: skip
     _barrier()
     result.steps = state["step"]
     result.best = {"metric": cfg.eval_metric, "value": state["best"], "step": state["best_step"]}

@@ -98,6 +98,6 @@ def train_reranker(cfg: TrainConfig, *, on_step=None) -> TrainResult:
     task = Task(
         model=rr.model, batches=batches, step=step, evaluate=evaluate if run.eval_data else None,
         export=lambda out: export_model(rr, peft_model, cfg, out, rr.model_dir),
-        eval_split=run.eval_data.split if run.eval_data else None,
+        eval_split=run.eval_data.split if run.eval_data else None, records=records,
     )  # fmt: skip
     return run_training(cfg, task, on_step=on_step)
