@@ -14,6 +14,7 @@ from qembed.cli.common import (
     add_quantize_arg,
     check_output,
 )
+from qembed.cli.engine import add_engine_args, engine_options
 from qembed.data.corpus import iter_corpus
 from qembed.errors import QembedError
 
@@ -29,6 +30,9 @@ def add_parser(subparsers) -> None:
     add_output_args(p, help="FILE.npy or FILE.jsonl (overwritten)")
     add_progress_args(p)
     add_quantize_arg(p)
+    add_engine_args(p)
+    p.add_argument("--cache-dir", metavar="DIR", help="embedding cache of --engine ray, which a rerun resumes from "
+                   "(default: $QEMBED_CACHE or ~/.cache/qembed/embeddings)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -39,6 +43,7 @@ def run(args) -> int:
     if output.suffix not in (".npy", ".jsonl"):
         raise QembedError(f"--output must end in .npy or .jsonl, got {output.name}")
     check_output(output, input=args.input)
+    ray_options = engine_options(args)
     docs = list(iter_corpus(args.input, text_field=args.field, keep_blank=True))  # row i = document i
     texts = [doc.text for doc in docs]
     embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
@@ -47,7 +52,9 @@ def run(args) -> int:
     except ValueError as exc:
         raise QembedError(str(exc)) from None
     options = {"dim": args.dim, "batch_tokens": args.batch_tokens}
-    if args.instruction is not None:
+    if ray_options is not None:
+        vectors = _encode_on_ray(embedder, args, texts, ray_options)
+    elif args.instruction is not None:
         vectors = embedder.encode_queries(texts, instruction=args.instruction, **options)
     elif args.queries:
         vectors = embedder.encode_queries(texts, **options)
@@ -63,3 +70,19 @@ def run(args) -> int:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     print(f"wrote {len(texts)} embeddings of dimension {vectors.shape[1]} to {output}")
     return 0
+
+
+def _encode_on_ray(embedder, args, texts: list[str], options) -> np.ndarray:
+    """The vectors `Embedder.encode` gives, encoded on Ray into the embedding cache (so a killed run resumes),
+    then read back in file order."""
+    from qembed.eval.cache import CachedEncoder
+    from qembed.models.prompts import MODEL_DEFAULT
+    from qembed.ray_engine import fill_cache
+
+    queries = args.queries or args.instruction is not None
+    fmt = (args.instruction if args.instruction is not None else MODEL_DEFAULT) if queries else None
+    encoder = CachedEncoder(embedder, query_format=fmt, prompt="" if queries else embedder.document_prompt,
+                            dim=args.dim, normalize=embedder.normalize, cache_dir=args.cache_dir,
+                            batch_tokens=args.batch_tokens)  # fmt: skip
+    fill_cache(encoder, args.input, options, text_field=args.field, keep_blank=True)
+    return encoder(texts)

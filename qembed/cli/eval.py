@@ -12,6 +12,7 @@ from qembed.cli.common import (
     add_quantize_arg,
     check_output,
 )
+from qembed.cli.engine import add_engine_args, engine_options
 from qembed.errors import QembedError
 
 
@@ -38,6 +39,7 @@ def add_parser(subparsers) -> None:
     add_quantize_arg(p)
     add_output_args(p, help="folder for metrics.json, report.md, recall_at_k.png", metavar="DIR")
     add_progress_args(p)
+    add_engine_args(p)
     p.set_defaults(func=run)
 
 
@@ -70,11 +72,13 @@ def run(args: argparse.Namespace) -> int:
     from qembed.eval.report import markdown_table
 
     check_output(args.output, dataset=args.dataset)
+    engine = engine_options(args)
     results = evaluate(
         args.model, args.dataset, split=args.split, instruction=parse_instruction_settings(args), dim=args.dim,
         k=parse_ks(args.k), index=args.index, reranker=args.reranker, rerank_top=args.rerank_top,
         ndcg_gain=args.ndcg_gain, output=args.output, cache_dir=args.cache_dir, device=args.device,
         dtype=args.dtype, batch_tokens=args.batch_tokens, quantize=args.quantize,
+        engine=engine,
     )  # fmt: skip
     first = results[0]
     print(f"{first['dataset']} ({first['split']}): {first['num_queries']} queries, {first['num_docs']} documents")

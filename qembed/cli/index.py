@@ -12,6 +12,7 @@ from qembed.cli.common import (
     add_progress_args,
     add_quantize_arg,
 )
+from qembed.cli.engine import add_engine_args, engine_options
 from qembed.errors import QembedError
 
 
@@ -31,6 +32,7 @@ def add_parser(subparsers) -> None:
     add_milvus_token_arg(p)
     add_quantize_arg(p)
     add_progress_args(p)
+    add_engine_args(p)
     p.set_defaults(func=run_build)
 
     s = subparsers.add_parser("search", help="search an index folder built by `qembed index build`")
@@ -77,6 +79,7 @@ def run_build(args) -> int:
     from qembed.index.store import build_index
     from qembed.models.embedder import Embedder
 
+    engine = engine_options(args)
     embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
         embedder._check_dim(args.dim)
@@ -84,7 +87,7 @@ def run_build(args) -> int:
         raise QembedError(str(exc)) from None
     result = build_index(embedder, args.corpus, args.output, index=args.index, dim=args.dim,
                          batch_tokens=args.batch_tokens, collection=args.collection, overwrite=args.overwrite,
-                         token=milvus_token(args))  # fmt: skip
+                         token=milvus_token(args), engine=engine)  # fmt: skip
     m = result.manifest
     where = f" (Milvus collection {m.collection})" if m.collection else ""
     recall = f", recall@10 {m.recall_at_10:.3f} of exact" if m.recall_at_10 is not None else ""

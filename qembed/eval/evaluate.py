@@ -51,6 +51,7 @@ def evaluate(
     show_progress: bool | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
+    engine=None,
 ) -> list[dict]:
     """Evaluate retrieval of each model on a BEIR dataset; returns one result dict per run.
 
@@ -62,6 +63,7 @@ def evaluate(
     and `batch_tokens` (padded tokens per batch; None: each model's measured default) are passed to the models;
     `quantize="int8"` loads models given by name for int8 inference on the CPU. Metrics are
     fractions in [0, 1] keyed `"<metric>@<k>"` (see `qembed.eval.metrics`; nDCG gain `ndcg_gain`).
+    `engine`: a `qembed.ray_engine.RayOptions` to encode the corpus on Ray (into the cache) first.
     """
     from qembed.eval.report import write_outputs
     from qembed.models.embedder import Embedder
@@ -75,6 +77,7 @@ def evaluate(
     if ndcg_gain not in GAINS:
         raise QembedError(f"nDCG gain must be 'linear' or 'exponential', got {ndcg_gain!r}")
     parse_spec(index)  # a bad spec fails before any model is loaded
+    corpus_source = None if isinstance(dataset, RetrievalDataset) else Path(dataset) / "corpus.jsonl"
     if not isinstance(dataset, RetrievalDataset):
         dataset = RetrievalDataset.load(dataset, split=split)
     models = models if isinstance(models, (list, tuple)) else [models]
@@ -102,6 +105,10 @@ def evaluate(
             docs = CachedEncoder(emb, prompt=emb.document_prompt, normalize=emb.search_normalize, **options)
         except (TypeError, ValueError) as exc:  # a bad query format, a dim below the Matryoshka minimum
             raise QembedError(f"{name}: {exc}") from None
+        if engine is not None:
+            from qembed.ray_engine import corpus_of, fill_cache
+
+            fill_cache(docs, corpus_source or corpus_of(dataset), engine, keep_blank=True, show_progress=show_progress)
         vector_index, doc_keys, corpus_timing = _index_corpus(docs, dataset, index, show_progress, name)
         with vector_index:  # a temporary Milvus collection is dropped here, also on failure
             for fmt in formats:

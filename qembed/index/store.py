@@ -94,6 +94,7 @@ def build_index(
     token: str = "",
     chunk_size: int = 4096,
     show_progress: bool | None = None,
+    engine=None,
 ) -> BuildResult:
     """Encode `corpus` with `embedder` (documents: its document prompt) into the index folder `output`.
 
@@ -102,6 +103,7 @@ def build_index(
     folder did not create is never dropped unless `overwrite=True`. A rebuild writes a new collection and
     drops the one it replaces only after the manifest has switched to the new one.
     An approximate index's recall@10 against exact search (`RecallProbe`) goes into the manifest.
+    `engine`: a `qembed.ray_engine.RayOptions` to encode the corpus on Ray (into the folder's cache) first.
     """
     from qembed.eval.cache import CachedEncoder
 
@@ -125,6 +127,10 @@ def build_index(
     vector_index = probe = None
     encoder = CachedEncoder(embedder, prompt=embedder.document_prompt, dim=dim, cache_dir=output / "cache",
                             normalize=embedder.search_normalize, batch_tokens=batch_tokens)  # fmt: skip
+    if engine is not None:
+        from qembed.ray_engine import fill_cache
+
+        fill_cache(encoder, corpus, engine, show_progress=show_progress)
     stats = encoder.stats
     offsets: list[int] = []
     ids: list[str] = []

@@ -1,0 +1,343 @@
+"""The Ray Data engine: encode a corpus on a Ray cluster (or a local one) and stream the vectors back.
+
+`encode_corpus` reads the corpus as Ray Data blocks (the lines of `.jsonl`/`.txt` files, parsed by qembed's
+own corpus reader, so texts and ids are exactly those of one process), hands them to a pool of Ray actors
+that each load the model once (one GPU per actor when the model runs on CUDA, CPU actors otherwise) and
+run `Embedder.encode` (same tokenisation, same token-budget batches), and yields `EncodedBlock`s (ids, text
+keys, full-size unnormalised float32 vectors) to the driver as they are done.
+
+`fill_cache` is what the verbs call: it writes those blocks into a `CachedEncoder`'s embedding cache, one
+crash-safe shard per block, skipping every text already there (so a killed job continues where it
+stopped); the verb's own single-process pass that follows finds every vector in the cache, and writes the
+index, vectors or evaluation exactly as without Ray.
+
+Needs the `ray` extra (`pip install 'qembed[ray]'`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qembed.errors import QembedError
+
+log = logging.getLogger(__name__)
+
+EXTRA_HINT = "pip install 'qembed[ray]'"
+KEY_BYTES = 20  # sha1 of the text (`qembed.eval.cache.text_key`)
+_READ_CPUS = 0.1  # Ray CPUs of a read task: reading lines is cheap, the actors get the rest
+_LINES_PER_BLOCK = 4096
+
+
+def require_ray():
+    """The `ray` module (with Ray Data), or a one-line `QembedError` naming the extra to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise QembedError(f"--engine ray needs Ray Data, which is not installed: {EXTRA_HINT}") from None
+    return ray
+
+
+@dataclass
+class RayOptions:
+    """Where and how a corpus is encoded on Ray.
+
+    `address`: a running cluster (`ray start --head` prints it; `auto` finds a local one); None starts a
+    local cluster for the run (with `num_cpus` CPUs, default all) and stops it afterwards. `actors`: model
+    replicas (default: one per GPU when the model runs on CUDA, else one per 4 CPUs of the cluster, at least
+    one). `batch_size`: texts per actor call, which is also one embedding-cache shard (a killed job re-encodes
+    at most the batches in flight)."""
+
+    address: str | None = None
+    actors: int | None = None
+    batch_size: int = 1024
+    num_cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise QembedError(f"Ray actors must be at least 1, got {self.actors}")
+        if self.batch_size < 1:
+            raise QembedError(f"Ray batch size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class EncodedBlock:
+    """What an actor sends back for one batch: document ids, text keys `(n, 20)` uint8 and full-size,
+    unnormalised float32 vectors `(n, hidden)`. Texts already cached, and repeats within the batch, are left
+    out."""
+
+    ids: list[str]
+    keys: np.ndarray
+    vectors: np.ndarray
+
+    def key_list(self) -> list[bytes]:
+        return [bytes(row) for row in self.keys]
+
+
+@dataclass(frozen=True)
+class _ModelSpec:
+    """How an actor loads the model so that its vectors share the driver's cache entries."""
+
+    name_or_path: str
+    device_type: str  # "cpu" | "cuda"
+    dtype: object  # torch.dtype
+    quantize: str | None
+    max_length: int
+    query_format: object  # resolved QueryFormat
+    identity: dict  # the `cache_key` the actor's embedder must have
+    batch_tokens: int | None
+
+
+def _corpus_files(corpus: str | Path) -> list[Path]:
+    from qembed.data.corpus import corpus_path
+
+    path = corpus_path(corpus)
+    if not path.is_file():
+        raise QembedError(f"corpus file not found: {path}")
+    if path.suffix not in (".jsonl", ".txt"):
+        raise QembedError(f"{path}: the Ray engine reads .jsonl and .txt corpora (or a BEIR folder)")
+    return [path]
+
+
+def _lines_datasource(paths: list[Path], lines_per_block: int):
+    """A Ray datasource of a text file's raw lines with their 1-based line numbers (one read task per file,
+    streaming blocks), split on `\\n` only, exactly as qembed's corpus reader does."""
+    import pyarrow as pa
+    from ray.data.datasource import FileBasedDatasource
+
+    class LinesDatasource(FileBasedDatasource):
+        def _read_stream(self, f, path: str):
+            number, lines, rest = 0, [], b""
+
+            def block():
+                return pa.table({"line": pa.array(lines, pa.binary()),
+                                 "number": pa.array(range(number - len(lines) + 1, number + 1), pa.int64())})
+
+            while data := f.read(1 << 22):
+                parts = (rest + data).split(b"\n")
+                rest = parts.pop()
+                for part in parts:
+                    number += 1
+                    lines.append(part + b"\n")
+                    if len(lines) >= lines_per_block:
+                        yield block()
+                        lines = []
+            if rest:  # a last line without its newline
+                number += 1
+                lines.append(rest)
+            if lines:
+                yield block()
+
+    return LinesDatasource([str(p) for p in paths])
+
+
+class _EncodeActor:
+    """One model replica: parses a batch of corpus lines (or takes texts), drops texts already cached, encodes
+    the rest with `Embedder.encode` (normalize=False: full-size, unnormalised, as the cache stores them)."""
+
+    def __init__(self, spec: _ModelSpec, known, text_field: str, keep_blank: bool, path: str, threads: int) -> None:
+        import ray
+        import torch
+
+        from qembed.eval.cache import cache_key
+        from qembed.models.embedder import Embedder
+
+        if spec.device_type == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.embedder = Embedder.from_pretrained(spec.name_or_path, device=spec.device_type, dtype=spec.dtype,
+                                                 quantize=spec.quantize, max_length=spec.max_length)  # fmt: skip
+        got = cache_key(self.embedder, spec.query_format)
+        if got != spec.identity:
+            raise QembedError(f"the Ray actor's model differs from the driver's: {got} != {spec.identity} "
+                              "(give every node the same model files)")  # fmt: skip
+        self.spec = spec
+        known = ray.get(known[0]) if isinstance(known, list) else known
+        self.known = known if known is not None else np.empty(0, dtype=f"S{KEY_BYTES}")
+        self.text_field, self.keep_blank, self.path = text_field, keep_blank, Path(path)
+        self.hidden = self.embedder.hidden_size
+
+    def _documents(self, batch: dict) -> tuple[list[str], list[str]]:
+        from qembed.data.corpus import _parse
+
+        if "text" in batch:  # texts given in memory: the id is the position
+            return [str(i) for i in batch["id"]], [str(t) for t in batch["text"]]
+        jsonl = self.path.suffix == ".jsonl"
+        ids, texts = [], []
+        for raw, number in zip(batch["line"], batch["number"]):
+            raw = bytes(raw)
+            if jsonl and not raw.strip():
+                continue  # not a record
+            doc = _parse(raw, self.path, int(number), self.text_field, jsonl)
+            if doc.text or self.keep_blank:
+                ids.append(doc.doc_id)
+                texts.append(doc.text)
+        return ids, texts
+
+    def __call__(self, batch: dict) -> dict:
+        from qembed.eval.cache import text_key
+
+        ids, texts = self._documents(batch)
+        keys = np.frombuffer(b"".join(text_key(t) for t in texts), dtype=f"S{KEY_BYTES}")
+        keep, seen = [], set()
+        found = _contains(self.known, keys)
+        for i, key in enumerate(keys.tolist() if len(keys) else []):
+            if not found[i] and key not in seen:
+                seen.add(key)
+                keep.append(i)
+        vectors = np.empty((0, self.hidden), dtype=np.float32)
+        if keep:
+            vectors = self.embedder.encode([texts[i] for i in keep], instruction=self.spec.query_format,
+                                           normalize=False, batch_tokens=self.spec.batch_tokens,
+                                           show_progress=False)  # fmt: skip
+        return {
+            "id": np.array([ids[i] for i in keep], dtype=object),
+            "key": keys[keep].view(np.uint8).reshape(-1, KEY_BYTES),
+            "vector": np.ascontiguousarray(vectors, dtype=np.float32),
+        }
+
+
+def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Whether each key is in `sorted_keys` (both `S20` arrays, the first sorted)."""
+    if not len(sorted_keys) or not len(keys):
+        return np.zeros(len(keys), dtype=bool)
+    at = np.searchsorted(sorted_keys, keys)
+    return sorted_keys[np.minimum(at, len(sorted_keys) - 1)] == keys
+
+
+def _connect(ray, options: RayOptions) -> bool:
+    """Connect to `options.address` or start a local cluster; True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    if options.address:
+        try:
+            ray.init(address=options.address, **quiet)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise QembedError(f"cannot join the Ray cluster at {options.address}: {str(exc).splitlines()[0]}") from None
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private cluster of this process
+        ray.init(num_cpus=options.num_cpus, **quiet)
+    return True
+
+
+def _actor_plan(ray, options: RayOptions, device_type: str) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor) for the cluster's resources."""
+    resources = ray.cluster_resources()
+    cpus, gpus = float(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    if device_type == "cuda":
+        if not gpus:
+            raise QembedError("the model runs on CUDA but the Ray cluster has no GPU (use --device cpu)")
+        actors = options.actors or gpus
+        return actors, max(0.1, min(1.0, (cpus - 2 * _READ_CPUS) / actors)), 1.0
+    actors = options.actors or max(1, int(cpus // 4))
+    return actors, max(0.1, (cpus - 2 * _READ_CPUS) / actors), 0.0
+
+
+def encode_corpus(embedder, corpus: str | Path | Sequence[str], *, query_format=None, prompt: str = "",
+                  batch_tokens: int | None = None, text_field: str = "text", keep_blank: bool = False,
+                  skip: np.ndarray | None = None, options: RayOptions | None = None,
+                  show_progress: bool | None = None) -> Iterator[EncodedBlock]:  # fmt: skip
+    """Encode a corpus on Ray with the model of `embedder` (loaded again by each actor, on the same device type,
+    dtype and quantisation, so the vectors are those `embedder.encode` gives) and yield `EncodedBlock`s as
+    the actors finish them, in no particular order.
+
+    `corpus`: a `.jsonl`/`.txt` file or a BEIR folder (read as Ray Data blocks by the workers: the path
+    must be reachable from every node), or a list of texts (ids are their positions). `query_format`/
+    `prompt` as in `Embedder.encode`; `skip`: sorted `S20` text keys to leave out (already cached)."""
+    from qembed.eval.cache import cache_key
+    from qembed.progress import progress_bar
+
+    ray = require_ray()
+    options = options or RayOptions()
+    fmt = embedder.resolve_query_format(query_format, prompt)
+    device_type = embedder.device.type
+    if device_type not in ("cpu", "cuda"):
+        raise QembedError(f"the Ray engine runs models on cpu or cuda, not {device_type}")
+    paths = None if isinstance(corpus, (list, tuple)) else _corpus_files(corpus)  # bad input: before Ray starts
+    spec = _ModelSpec(embedder.name_or_path, device_type, embedder.model.dtype, embedder.quantize,
+                      embedder.max_length, fmt, cache_key(embedder, fmt), batch_tokens)  # fmt: skip
+    started = _connect(ray, options)
+    try:
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = bool(show_progress)  # qembed's own bar counts the vectors
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # not "progress bars disabled"
+        actors, cpus, gpus = _actor_plan(ray, options, device_type)
+        if paths is None:
+            ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(corpus)])
+            path = ""
+        else:
+            ds = ray.data.read_datasource(_lines_datasource(paths, max(options.batch_size, _LINES_PER_BLOCK)),
+                                          num_cpus=_READ_CPUS)  # fmt: skip
+            path = str(paths[0])
+        known = [ray.put(skip if skip is not None else np.empty(0, dtype=f"S{KEY_BYTES}"))]  # a reference, read by each actor
+        ds = ds.map_batches(
+            _EncodeActor,
+            fn_constructor_kwargs={"spec": spec, "known": known, "text_field": text_field, "keep_blank": keep_blank,
+                                   "path": path, "threads": int(round(cpus)) or 1},
+            compute=ray.data.ActorPoolStrategy(size=actors), batch_size=options.batch_size,
+            batch_format="numpy", num_cpus=cpus, num_gpus=gpus,
+        )  # fmt: skip
+        with progress_bar(desc="ray encode", unit="text", enabled=show_progress) as bar:
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    if len(batch["key"]):
+                        block = EncodedBlock([str(i) for i in batch["id"]], np.asarray(batch["key"], dtype=np.uint8),
+                                             np.asarray(batch["vector"], dtype=np.float32))  # fmt: skip
+                        bar.update(len(block.ids))
+                        yield block
+            except ray.exceptions.RayError as exc:
+                raise _user_error(exc) from None
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _user_error(exc: BaseException) -> BaseException:
+    """A `QembedError` raised in a worker (a bad corpus line) as itself; anything else unchanged."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, QembedError):
+            return QembedError(str(exc))
+        cause = getattr(exc, "cause", None) or exc.__cause__
+        exc = cause
+    return exc if exc is not None else RuntimeError("Ray job failed")
+
+
+def cached_keys(cache) -> np.ndarray:
+    """The text keys an `EmbeddingCache` holds, as a sorted `S20` array."""
+    keys = np.frombuffer(b"".join(cache._where), dtype=f"S{KEY_BYTES}")  # noqa: SLF001 (the cache's index)
+    return np.sort(keys)
+
+
+def fill_cache(encoder, corpus: str | Path | Sequence[str], options: RayOptions | None = None, *,
+               text_field: str = "text", keep_blank: bool = False, show_progress: bool | None = None) -> int:  # fmt: skip
+    """Encode on Ray every text of `corpus` that `encoder` (a `CachedEncoder`) has not cached yet, writing
+    each block into its cache as it arrives; returns how many new texts were stored. They count as encoded
+    in `encoder.stats` (the verb's pass over the corpus that follows finds them in the cache)."""
+    cache = encoder.cache
+    new = 0
+    for block in encode_corpus(encoder.embedder, corpus, query_format=encoder.query_format,
+                               batch_tokens=encoder.batch_tokens, text_field=text_field, keep_blank=keep_blank,
+                               skip=cached_keys(cache), options=options, show_progress=show_progress):  # fmt: skip
+        keys = block.key_list()
+        new += sum(1 for key in set(keys) if key not in cache)
+        cache.add(keys, block.vectors)
+    encoder.stats.encoded += new
+    encoder.stats.hits -= new
+    return new
+
+
+def corpus_of(dataset) -> str | Path | list[str]:
+    """What `encode_corpus` reads for a loaded `RetrievalDataset`: its corpus file when it is read from disk
+    (`CorpusFile`), else its texts."""
+    path = getattr(dataset.corpus, "path", None)
+    return path if path is not None else list(dataset.corpus.values())

@@ -1,0 +1,238 @@
+"""`--engine ray` on a real local Ray cluster (`ray start --head --num-cpus 2`, 2 CPU actors): `qembed embed`,
+`qembed index build` and `qembed eval` give the ids, vectors and metrics of one process; a Ray build killed
+with SIGKILL resumes from its embedding cache; without Ray installed the option fails in one line."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qembed.cli import main
+
+pytest.importorskip("ray.data")
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = 3000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A local Ray cluster (2 CPUs) of this module in its own session: its address, then stopped (SIGTERM to
+    `ray start --block`, which stops what it started; then the rest of its process group)."""
+    temp = tempfile.mkdtemp(prefix="qray", dir="/tmp")  # short: Ray's socket paths live under it
+    port = _free_port()
+    command = ["ray", "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
+               "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard=false",
+               "--dashboard-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+               "--ray-client-server-port", str(_free_port()), "--disable-usage-stats", "--temp-dir", temp]  # fmt: skip
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if "Ray runtime started" in line:
+            break
+    else:
+        proc.wait()
+        pytest.fail("ray start failed:\n" + "".join(output[-20:]))
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of the session left behind
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_dir, tmp_path_factory) -> Path:
+    """3,000 distinct STS-B sentences as JSONL (every tenth with a title, a blank line in the middle)."""
+    sentences: list[str] = []
+    with gzip.open(shared_dir / "data" / "stsb-en" / "stsbenchmark.tsv.gz", "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            for text in (row["sentence1"], row["sentence2"]):
+                if text not in sentences[-50:]:
+                    sentences.append(text)
+    sentences = list(dict.fromkeys(sentences))[:DOCS]
+    path = tmp_path_factory.mktemp("ray-corpus") / "corpus.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for i, text in enumerate(sentences):
+            record = {"_id": f"s{i}", "text": text, **({"title": "STS"} if i % 10 == 0 else {})}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if i == DOCS // 2:
+                f.write("\n")
+    return path
+
+
+def _qembed(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qembed", *args], env=_env(), capture_output=True, text=True,
+                          timeout=600, **kwargs)  # fmt: skip
+
+
+def _ray(address: str, batch: int = 256) -> list[str]:
+    return ["--engine", "ray", "--ray-address", address, "--ray-actors", "2", "--ray-batch-size", str(batch)]
+
+
+def _flat_vectors(folder: Path) -> np.ndarray:
+    from qembed.index import load_index
+
+    index = load_index(folder / "vectors")
+    return index._index.reconstruct_n(0, len(index))
+
+
+def test_embed_on_ray_equals_one_process(ray_address, corpus, tiny_embedder_path, tmp_path, one_torch_thread):
+    ray_out, local_out = tmp_path / "ray.jsonl", tmp_path / "local.jsonl"
+    done = _qembed("embed", "--model", str(tiny_embedder_path), "--input", str(corpus), "--output", str(ray_out),
+                   "--cache-dir", str(tmp_path / "cache"), *_ray(ray_address))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["embed", "--model", str(tiny_embedder_path), "--input", str(corpus), "--output", str(local_out)]) == 0
+    ray_rows = [json.loads(line) for line in ray_out.open(encoding="utf-8")]
+    local_rows = [json.loads(line) for line in local_out.open(encoding="utf-8")]
+    assert len(ray_rows) == DOCS
+    assert [(r["id"], r["text"]) for r in ray_rows] == [(r["id"], r["text"]) for r in local_rows]
+    assert ray_rows[0]["text"].startswith("STS ")  # the title joined as one process joins it
+    got = np.array([r["embedding"] for r in ray_rows], dtype=np.float32)
+    want = np.array([r["embedding"] for r in local_rows], dtype=np.float32)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # the vectors came from the Ray actors, through the embedding cache the driver wrote
+    shards = list((tmp_path / "cache").rglob("*.keys.npy"))
+    assert sum(len(np.load(p)) for p in shards) == DOCS and len(shards) >= DOCS // 256
+
+
+def test_index_build_on_ray_equals_one_process(ray_address, corpus, minilm_path, tmp_path, one_torch_thread):
+    ray_dir, local_dir = tmp_path / "ray-index", tmp_path / "local-index"
+    done = _qembed("index", "build", "--model", str(minilm_path), "--corpus", str(corpus), "--output", str(ray_dir),
+                   *_ray(ray_address))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"indexed {DOCS} documents" in done.stdout and f"{DOCS} encoded, 0 from the cache" in done.stdout
+    assert main(["index", "build", "--model", str(minilm_path), "--corpus", str(corpus), "--output", str(local_dir)]) == 0
+    assert (ray_dir / "docs.jsonl").read_bytes() == (local_dir / "docs.jsonl").read_bytes()
+    np.testing.assert_array_equal(np.load(ray_dir / "docs.offsets.npy"), np.load(local_dir / "docs.offsets.npy"))
+    got, want = _flat_vectors(ray_dir), _flat_vectors(local_dir)
+    assert got.shape == (DOCS, 384)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    manifest = json.loads((ray_dir / "manifest.json").read_text())
+    assert manifest["encoded"] == DOCS and manifest["count"] == DOCS
+
+
+def test_killed_ray_build_resumes(ray_address, corpus, tiny_embedder_path, tmp_path, one_torch_thread):
+    out = tmp_path / "index"
+    args = ["index", "build", "--model", str(tiny_embedder_path), "--corpus", str(corpus), "--output", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "qembed", *args, *_ray(ray_address, batch=32)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("cache/*/*.keys.npy"))) < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    cached = sum(len(np.load(p)) for p in out.glob("cache/*/*.keys.npy"))
+    assert 0 < cached < DOCS
+    done = _qembed(*args, *_ray(ray_address, batch=32))
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["encoded"] == DOCS - cached  # only what the killed run had not stored
+    assert f"{cached} from the cache" in done.stdout
+    local = tmp_path / "local"
+    assert main(["index", "build", "--model", str(tiny_embedder_path), "--corpus", str(corpus), "--output", str(local)]) == 0
+    assert (out / "docs.jsonl").read_bytes() == (local / "docs.jsonl").read_bytes()
+    np.testing.assert_allclose(_flat_vectors(out), _flat_vectors(local), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def small_beir(shared_dir, tmp_path_factory) -> Path:
+    """An NFCorpus slice: 40 test queries, the documents they judge plus others up to 1,000, texts cut to
+    their first 60 words (so MiniLM encodes it in seconds)."""
+    source = shared_dir / "data" / "nfcorpus"
+    folder = tmp_path_factory.mktemp("ray-beir")
+    qrels: dict[str, list[tuple[str, str]]] = {}
+    with (source / "qrels" / "test.tsv").open(encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            qid, did, grade = line.rstrip("\n").split("\t")
+            qrels.setdefault(qid, []).append((did, grade))
+    chosen = sorted(qrels)[:40]
+    judged = {did for qid in chosen for did, _ in qrels[qid]}
+    docs = []
+    with (source / "corpus.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record["_id"] in judged or len(docs) < 1000 - len(judged):
+                record["text"] = " ".join(record["text"].split()[:60])
+                docs.append(record)
+    kept = {d["_id"] for d in docs}
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    queries = [json.loads(line) for line in (source / "queries.jsonl").open(encoding="utf-8")]
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries if q["_id"] in chosen))
+    (folder / "qrels").mkdir()
+    rows = [f"{qid}\t{did}\t{grade}\n" for qid in chosen for did, grade in qrels[qid] if did in kept]
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(rows))
+    return folder
+
+
+def test_eval_on_ray_gives_the_same_metrics(ray_address, small_beir, minilm_path, tmp_path, one_torch_thread):
+    common = ["eval", "--model", str(minilm_path), "--dataset", str(small_beir), "--k", "1,10,100"]
+    done = _qembed(*common, "--output", str(tmp_path / "ray"), "--cache-dir", str(tmp_path / "ray-cache"),
+                   *_ray(ray_address))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*common, "--output", str(tmp_path / "local"), "--cache-dir", str(tmp_path / "local-cache")]) == 0
+    ray_result = json.loads((tmp_path / "ray" / "metrics.json").read_text())
+    local_result = json.loads((tmp_path / "local" / "metrics.json").read_text())
+    ray_run, local_run = _first_run(ray_result), _first_run(local_result)
+    assert ray_run["num_docs"] == local_run["num_docs"] > 900
+    assert ray_run["timings"]["corpus_encoded"] == local_run["timings"]["corpus_encoded"] == local_run["num_docs"]
+    assert ray_run["metrics"]["ndcg@10"] > 0.05
+    assert ray_run["metrics"] == pytest.approx(local_run["metrics"], abs=1e-6)
+
+
+def _first_run(result) -> dict:
+    return result[0] if isinstance(result, list) else result["results"][0]
+
+
+def test_engine_ray_without_ray_fails_in_one_line(monkeypatch, corpus, tmp_path, capsys):
+    for name in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is not installed
+    for verb in (["embed", "--input", str(corpus), "--output", str(tmp_path / "v.npy")],
+                 ["index", "build", "--corpus", str(corpus), "--output", str(tmp_path / "index")]):  # fmt: skip
+        assert main([*verb, "--model", "no-model-needed", "--engine", "ray"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "pip install 'qembed[ray]'" in err, err
+    assert not (tmp_path / "v.npy").exists() and not (tmp_path / "index").exists()
+
+
+def test_ray_options_need_engine_ray(corpus, tmp_path, capsys):
+    argv = ["embed", "--model", "m", "--input", str(corpus), "--output", str(tmp_path / "v.npy")]
+    assert main([*argv, "--ray-address", "127.0.0.1:1"]) == 2
+    assert "--ray-address needs --engine ray" in capsys.readouterr().err
