@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 EXTRA_HINT = "pip install 'qembed[ray]'"
 KEY_BYTES = 20  # sha1 of the text (`qembed.eval.cache.text_key`)
 _READ_CPUS = 0.1  # Ray CPUs of a read task: reading lines is cheap, the actors get the rest
-_LINES_PER_BLOCK = 4096
 
 
 def require_ray():
@@ -263,18 +262,23 @@ def encode_corpus(embedder, corpus: str | Path | Sequence[str], *, query_format=
     spec = _ModelSpec(embedder.name_or_path, device_type, embedder.model.dtype, embedder.quantize,
                       embedder.max_length, fmt, cache_key(embedder, fmt), batch_tokens)  # fmt: skip
     started = _connect(ray, options)
+    context = None
     try:
         import ray.data
 
         context = ray.data.DataContext.get_current()
+        saved = context.enable_progress_bars, context.target_max_block_size
         context.enable_progress_bars = bool(show_progress)  # qembed's own bar counts the vectors
+        # One output block per actor call (a batch's vectors fill the target), so every batch reaches the
+        # driver, and the cache, as soon as it is encoded; Ray's default (128 MiB) would hold them back.
+        context.target_max_block_size = options.batch_size * embedder.hidden_size * 4
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # not "progress bars disabled"
         actors, cpus, gpus = _actor_plan(ray, options, device_type)
         if paths is None:
             ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(corpus)])
             path = ""
         else:
-            ds = ray.data.read_datasource(_lines_datasource(paths, max(options.batch_size, _LINES_PER_BLOCK)),
+            ds = ray.data.read_datasource(_lines_datasource(paths, options.batch_size),
                                           num_cpus=_READ_CPUS)  # fmt: skip
             path = str(paths[0])
         known = [ray.put(skip if skip is not None else np.empty(0, dtype=f"S{KEY_BYTES}"))]  # a reference, read by each actor
@@ -296,6 +300,8 @@ def encode_corpus(embedder, corpus: str | Path | Sequence[str], *, query_format=
             except ray.exceptions.RayError as exc:
                 raise _user_error(exc) from None
     finally:
+        if context is not None:
+            context.enable_progress_bars, context.target_max_block_size = saved
         if started:
             ray.shutdown()
 

@@ -25,7 +25,7 @@ from qembed.cli import main
 pytest.importorskip("ray.data")
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = 3000
+DOCS = 2000
 
 
 def _free_port() -> int:
@@ -42,7 +42,7 @@ def _env() -> dict:
 @pytest.fixture(scope="module")
 def ray_address():
     """A local Ray cluster (2 CPUs) of this module in its own session: its address, then stopped (SIGTERM to
-    `ray start --block`, which stops what it started; then the rest of its process group)."""
+    `ray start --block`, which stops what it started; after 5 s, SIGKILL to the rest of its process group)."""
     temp = tempfile.mkdtemp(prefix="qray", dir="/tmp")  # short: Ray's socket paths live under it
     port = _free_port()
     command = ["ray", "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
@@ -64,20 +64,20 @@ def ray_address():
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            pass
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of the session left behind
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of this cluster's session is left
         except ProcessLookupError:
             pass
+        proc.wait()
         shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def corpus(shared_dir, tmp_path_factory) -> Path:
-    """3,000 distinct STS-B sentences as JSONL (every tenth with a title, a blank line in the middle)."""
+    """2,000 distinct STS-B sentences as JSONL (every tenth with a title, a blank line in the middle)."""
     sentences: list[str] = []
     with gzip.open(shared_dir / "data" / "stsb-en" / "stsbenchmark.tsv.gz", "rt", encoding="utf-8") as f:
         for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
@@ -111,12 +111,12 @@ def _flat_vectors(folder: Path) -> np.ndarray:
     return index._index.reconstruct_n(0, len(index))
 
 
-def test_embed_on_ray_equals_one_process(ray_address, corpus, tiny_embedder_path, tmp_path, one_torch_thread):
+def test_embed_on_ray_equals_one_process(ray_address, corpus, minilm_path, tmp_path, one_torch_thread):
     ray_out, local_out = tmp_path / "ray.jsonl", tmp_path / "local.jsonl"
-    done = _qembed("embed", "--model", str(tiny_embedder_path), "--input", str(corpus), "--output", str(ray_out),
+    done = _qembed("embed", "--model", str(minilm_path), "--input", str(corpus), "--output", str(ray_out),
                    "--cache-dir", str(tmp_path / "cache"), *_ray(ray_address))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert main(["embed", "--model", str(tiny_embedder_path), "--input", str(corpus), "--output", str(local_out)]) == 0
+    assert main(["embed", "--model", str(minilm_path), "--input", str(corpus), "--output", str(local_out)]) == 0
     ray_rows = [json.loads(line) for line in ray_out.open(encoding="utf-8")]
     local_rows = [json.loads(line) for line in local_out.open(encoding="utf-8")]
     assert len(ray_rows) == DOCS
@@ -130,27 +130,47 @@ def test_embed_on_ray_equals_one_process(ray_address, corpus, tiny_embedder_path
     assert sum(len(np.load(p)) for p in shards) == DOCS and len(shards) >= DOCS // 256
 
 
-def test_index_build_on_ray_equals_one_process(ray_address, corpus, minilm_path, tmp_path, one_torch_thread):
-    ray_dir, local_dir = tmp_path / "ray-index", tmp_path / "local-index"
-    done = _qembed("index", "build", "--model", str(minilm_path), "--corpus", str(corpus), "--output", str(ray_dir),
-                   *_ray(ray_address))  # fmt: skip
+@pytest.fixture(scope="module")
+def local_index(corpus, tiny_embedder_path, tmp_path_factory) -> Path:
+    """The one-process `qembed index build` of the corpus with the tiny Qwen3 (the reference)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("local-index") / "index"
+    try:
+        assert main(["index", "build", "--model", str(tiny_embedder_path), "--corpus", str(corpus),
+                     "--output", str(out)]) == 0  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _same_index(got: Path, want: Path) -> None:
+    assert (got / "docs.jsonl").read_bytes() == (want / "docs.jsonl").read_bytes()  # ids, texts, order
+    np.testing.assert_array_equal(np.load(got / "docs.offsets.npy"), np.load(want / "docs.offsets.npy"))
+    vectors = _flat_vectors(got)
+    assert vectors.shape == (DOCS, 64)
+    np.testing.assert_allclose(vectors, _flat_vectors(want), rtol=0, atol=1e-6)
+
+
+def test_index_build_on_ray_equals_one_process(ray_address, corpus, tiny_embedder_path, local_index, tmp_path):
+    out = tmp_path / "ray-index"
+    done = _qembed("index", "build", "--model", str(tiny_embedder_path), "--corpus", str(corpus),
+                   "--output", str(out), *_ray(ray_address))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"indexed {DOCS} documents" in done.stdout and f"{DOCS} encoded, 0 from the cache" in done.stdout
-    assert main(["index", "build", "--model", str(minilm_path), "--corpus", str(corpus), "--output", str(local_dir)]) == 0
-    assert (ray_dir / "docs.jsonl").read_bytes() == (local_dir / "docs.jsonl").read_bytes()
-    np.testing.assert_array_equal(np.load(ray_dir / "docs.offsets.npy"), np.load(local_dir / "docs.offsets.npy"))
-    got, want = _flat_vectors(ray_dir), _flat_vectors(local_dir)
-    assert got.shape == (DOCS, 384)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-    manifest = json.loads((ray_dir / "manifest.json").read_text())
+    _same_index(out, local_index)
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["encoded"] == DOCS and manifest["count"] == DOCS
 
 
-def test_killed_ray_build_resumes(ray_address, corpus, tiny_embedder_path, tmp_path, one_torch_thread):
+def test_killed_ray_build_resumes(ray_address, corpus, tiny_embedder_path, local_index, tmp_path):
     out = tmp_path / "index"
-    args = ["index", "build", "--model", str(tiny_embedder_path), "--corpus", str(corpus), "--output", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "qembed", *args, *_ray(ray_address, batch=32)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    args = ["index", "build", "--model", str(tiny_embedder_path), "--corpus", str(corpus), "--output", str(out),
+            *_ray(ray_address, batch=32)]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "qembed", *args], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
     while len(list(out.glob("cache/*/*.keys.npy"))) < 4 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -159,21 +179,18 @@ def test_killed_ray_build_resumes(ray_address, corpus, tiny_embedder_path, tmp_p
     assert not (out / "manifest.json").exists()
     cached = sum(len(np.load(p)) for p in out.glob("cache/*/*.keys.npy"))
     assert 0 < cached < DOCS
-    done = _qembed(*args, *_ray(ray_address, batch=32))
+    done = _qembed(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["encoded"] == DOCS - cached  # only what the killed run had not stored
     assert f"{cached} from the cache" in done.stdout
-    local = tmp_path / "local"
-    assert main(["index", "build", "--model", str(tiny_embedder_path), "--corpus", str(corpus), "--output", str(local)]) == 0
-    assert (out / "docs.jsonl").read_bytes() == (local / "docs.jsonl").read_bytes()
-    np.testing.assert_allclose(_flat_vectors(out), _flat_vectors(local), rtol=0, atol=1e-6)
+    _same_index(out, local_index)  # equal to an uninterrupted build
 
 
 @pytest.fixture(scope="module")
 def small_beir(shared_dir, tmp_path_factory) -> Path:
-    """An NFCorpus slice: 40 test queries, the documents they judge plus others up to 1,000, texts cut to
-    their first 60 words (so MiniLM encodes it in seconds)."""
+    """An NFCorpus slice: 30 test queries, the documents they judge plus others up to 600, texts cut to
+    their first 40 words (so MiniLM encodes it in seconds)."""
     source = shared_dir / "data" / "nfcorpus"
     folder = tmp_path_factory.mktemp("ray-beir")
     qrels: dict[str, list[tuple[str, str]]] = {}
@@ -182,14 +199,14 @@ def small_beir(shared_dir, tmp_path_factory) -> Path:
         for line in f:
             qid, did, grade = line.rstrip("\n").split("\t")
             qrels.setdefault(qid, []).append((did, grade))
-    chosen = sorted(qrels)[:40]
+    chosen = sorted(qrels)[:30]
     judged = {did for qid in chosen for did, _ in qrels[qid]}
     docs = []
     with (source / "corpus.jsonl").open(encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
-            if record["_id"] in judged or len(docs) < 1000 - len(judged):
-                record["text"] = " ".join(record["text"].split()[:60])
+            if record["_id"] in judged or len(docs) < 600 - len(judged):
+                record["text"] = " ".join(record["text"].split()[:40])
                 docs.append(record)
     kept = {d["_id"] for d in docs}
     (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
@@ -210,8 +227,8 @@ def test_eval_on_ray_gives_the_same_metrics(ray_address, small_beir, minilm_path
     ray_result = json.loads((tmp_path / "ray" / "metrics.json").read_text())
     local_result = json.loads((tmp_path / "local" / "metrics.json").read_text())
     ray_run, local_run = _first_run(ray_result), _first_run(local_result)
-    assert ray_run["num_docs"] == local_run["num_docs"] > 900
-    assert ray_run["timings"]["corpus_encoded"] == local_run["timings"]["corpus_encoded"] == local_run["num_docs"]
+    assert ray_run["num_docs"] == local_run["num_docs"] > 500
+    assert ray_run["timings"]["corpus_encoded"] == local_run["timings"]["corpus_encoded"] > 480  # distinct texts
     assert ray_run["metrics"]["ndcg@10"] > 0.05
     assert ray_run["metrics"] == pytest.approx(local_run["metrics"], abs=1e-6)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from qembed.data.corpus import iter_corpus
 from qembed.errors import QembedError
-from qembed.files import atomic_write_json
+from qembed.files import atomic_write_json, is_owned, mark_owned
 from qembed.index import RecallProbe, SearchParams, load_index, open_index, parse_spec
 from qembed.index.milvus_index import build_collection, drop_collection, saved_collection
 
@@ -110,7 +110,7 @@ def build_index(
     start = time.perf_counter()
     output = Path(output)
     previous = Manifest.read(output) if (output / MANIFEST).is_file() else None
-    if output.exists() and previous is None and any(output.iterdir()):
+    if output.exists() and previous is None and not is_owned(output, "index build") and any(output.iterdir()):
         raise QembedError(f"{output} exists and is not a qembed index: choose an empty or new folder")
     backend, arg = parse_spec(index)
     out_dim = embedder._check_dim(dim) if dim is not None else embedder.hidden_size
@@ -120,7 +120,7 @@ def build_index(
         collection = build_collection(arg["uri"], collection, previous.collection if previous else None,
                                       overwrite=overwrite, token=token, owner=str(output))  # fmt: skip
         options = {"collection": collection, "overwrite": overwrite, "temporary": True, "token": token}
-    output.mkdir(parents=True, exist_ok=True)
+    mark_owned(output, "index build")  # a first build killed midway is resumed, not refused
     tmp_docs = output / ".docs.jsonl.tmp"
     vectors_tmp = output / ".vectors.tmp"
     shutil.rmtree(vectors_tmp, ignore_errors=True)
