@@ -81,7 +81,7 @@ def run_ray(model: str, corpus: Path, actors: int, batch_size: int) -> tuple[flo
     start = time.perf_counter()
     found: dict[bytes, np.ndarray] = {}
     for block in encode_corpus(driver, corpus, prompt=driver.document_prompt,
-                               options=RayOptions(actors=actors, batch_size=batch_size)):  # fmt: skip
+                               options=RayOptions(actors=actors, batch_size=batch_size), show_progress=False):  # fmt: skip
         found.update(zip(block.key_list(), block.vectors))
     return time.perf_counter() - start, found
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     assert set(single) == set(on_ray), "the engines encoded different texts"
     keys = list(single)
     diff = float(np.abs(np.stack([single[k] for k in keys]) - np.stack([on_ray[k] for k in keys])).max())
-    print(f"\n{machine_line()}; {cpu_flags()}")
+    print(f"\n{machine_line()} (at the end of the run); {cpu_flags()}")
     print(f"model {args.model}, {len(texts)} documents ({len(keys)} distinct), {args.actors} CPUs, "
           f"Ray batch {args.batch_size}, best of {args.repeats} (model loads included)")  # fmt: skip
     print(f"  single process ({args.actors} threads): {best['single']:.1f} s, {len(texts) / best['single']:.0f} docs/s")
