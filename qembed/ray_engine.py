@@ -307,15 +307,15 @@ def encode_corpus(embedder, corpus: str | Path | Sequence[str], *, query_format=
 
 
 def _user_error(exc: BaseException) -> BaseException:
-    """A `QembedError` raised in a worker (a bad corpus line) as itself; anything else unchanged."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, QembedError):
-            return QembedError(str(exc))
-        cause = getattr(exc, "cause", None) or exc.__cause__
-        exc = cause
-    return exc if exc is not None else RuntimeError("Ray job failed")
+    """A `QembedError` raised in a worker (a bad corpus line) as a `QembedError` with its message (Ray passes
+    it on as the text of the worker's traceback); anything else unchanged."""
+    import re
+
+    for text in (str(exc), str(getattr(exc, "cause", "") or "")):
+        found = re.search(r"qembed\.errors\.\w*Error: (.+)", text)
+        if found:
+            return QembedError(found.group(1).strip())
+    return exc
 
 
 def cached_keys(cache) -> np.ndarray:

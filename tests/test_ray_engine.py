@@ -253,3 +253,15 @@ def test_ray_options_need_engine_ray(corpus, tmp_path, capsys):
     argv = ["embed", "--model", "m", "--input", str(corpus), "--output", str(tmp_path / "v.npy")]
     assert main([*argv, "--ray-address", "127.0.0.1:1"]) == 2
     assert "--ray-address needs --engine ray" in capsys.readouterr().err
+
+
+def test_bad_corpus_line_on_ray_is_a_one_line_error(ray_address, corpus, tiny_embedder_path, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = corpus.read_text(encoding="utf-8").splitlines()[:40]
+    bad.write_text("\n".join([*lines, '{"_id": "x", "text": 5}', *lines[:5]]) + "\n", encoding="utf-8")
+    done = _qembed("index", "build", "--model", str(tiny_embedder_path), "--corpus", str(bad),
+                   "--output", str(tmp_path / "index"), *_ray(ray_address))  # fmt: skip
+    assert done.returncode == 2
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("qembed index: error:") and f"{bad}:41: no field 'text' holding a string" in error
+    assert "Traceback" not in done.stderr
