@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
     add_output_args(p, help="index folder to write (or rebuild: only new or changed documents are encoded)",
                     metavar="DIR")  # fmt: skip
     p.add_argument("--index", default="faiss", help="faiss | faiss:FACTORY[?nprobe=N] (IVF4096,Flat, HNSW32,SQ8, ...) | "
-                   "hnsw[:m=32,...] | milvus:PATH.db | milvus:http://HOST:PORT[?index=HNSW&M=16] (README: Indexes)")  # fmt: skip
+                   "hnsw[:m=32,...] | milvus:PATH.db | milvus:http://HOST:PORT[?index=HNSW&M=16] (docs/indexes.md)")  # fmt: skip
     p.add_argument("--dim", type=int, help="Matryoshka dimension, first N components re-normalised (default: full)")
     p.add_argument("--collection", help="Milvus collection name (default: a new unique name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Milvus collection of that name")

@@ -28,6 +28,8 @@ IN_MEMORY_MAX_BYTES = 1 << 30  # `open_corpus` keeps larger files on disk (`Corp
 
 
 class Document(NamedTuple):
+    """A corpus document: its id (`_id`, else `id`, else the 1-based line number) and its text (title + " " + text when titled)."""
+
     doc_id: str
     text: str
 

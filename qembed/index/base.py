@@ -53,23 +53,29 @@ class VectorIndex(Protocol):
     dim: int
     exact: bool
 
-    def add(self, ids: Sequence[str] | None, vectors: np.ndarray) -> None: ...
+    def add(self, ids: Sequence[str] | None, vectors: np.ndarray) -> None:
+        """Append float32 `vectors` (n, dim) as the next rows; `ids` (n strings), or None for rows only."""
 
     def search(
         self, queries: np.ndarray, k: int, *, batch_size: int = ..., show_progress: bool = ...,
         params: SearchParams | None = ...,
-    ) -> tuple[list[list[str]], np.ndarray]: ...  # fmt: skip
+    ) -> tuple[list[list[str]], np.ndarray]:  # fmt: skip
+        """The top `k` ids per query row and their inner products (float32 (nq, k)), best first."""
 
     def search_rows(
         self, queries: np.ndarray, k: int, *, batch_size: int = ..., show_progress: bool = ...,
         params: SearchParams | None = ...,
-    ) -> tuple[np.ndarray, np.ndarray]: ...  # fmt: skip
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """As `search`, with row numbers (int64 (nq, k), -1 and score -inf where fewer than `k` exist) instead of ids."""
 
-    def check_params(self, params: SearchParams) -> None: ...
+    def check_params(self, params: SearchParams) -> None:
+        """Raise `QembedError` (one line) when `params` sets a parameter this index has no use for."""
 
-    def save(self, path: str | Path) -> None: ...
+    def save(self, path: str | Path) -> None:
+        """Write the index to the folder `path` (`load_index` reads it back)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the index (a temporary Milvus collection is dropped)."""
 
     def __len__(self) -> int: ...
 

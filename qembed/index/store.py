@@ -59,6 +59,8 @@ class Manifest:
 
 @dataclass
 class Hit:
+    """One search result: document id, similarity, text and, when reranked, the reranker's score."""
+
     id: str
     score: float
     text: str

@@ -15,8 +15,8 @@ from qembed.negatives import MiningConfig
 
 MINING = MiningConfig()
 
-# (default, comment) leaves; nested dicts are sections. The defaults and how they were chosen: README,
-# section "Adapt a model to your domain".
+# (default, comment) leaves; nested dicts are sections. The defaults and how they were chosen: docs/adapt.md,
+# "Defaults, and how they were chosen".
 SPEC: dict[str, Any] = {
     "model": (None, "base embedder to adapt: a model folder or hub id"),
     "output": (None, "run folder: one sub-folder per stage, report.md, summary.json, best/"),
@@ -50,7 +50,7 @@ SPEC: dict[str, Any] = {
         "embed_model": (None, "embedder matching personas to documents (default: the base model)"),
         "filter_threshold": (0.7, "keep a written query when its cosine to the document, by the base model, is above this"),
     },
-    "negatives": {  # the `qembed mine` defaults, but for the margin rule (see the README's adapt section)
+    "negatives": {  # the `qembed mine` defaults, but for the margin rule (see docs/adapt.md)
         "num_negatives": (MINING.num_negatives, "hard negatives mined per train query"),
         "range_min": (MINING.range_min, "candidates start at this rank (0-based)"),
         "range_max": (MINING.range_max, "and end before this rank"),

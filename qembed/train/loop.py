@@ -47,6 +47,9 @@ class Task:
 
 @dataclass
 class TrainResult:
+    """What a training run returns: the output folder, the optimizer steps taken, the loss per step and the
+    best evaluation (`{metric, value, step}`) when an evaluation dataset was given."""
+
     output: Path
     steps: int
     losses: list[float] = field(default_factory=list)
