@@ -74,9 +74,11 @@ def milvus_token(args) -> str:
 
 
 def run_build(args) -> int:
+    from qembed.data.corpus import check_corpus
     from qembed.index.store import build_index
     from qembed.models.embedder import Embedder
 
+    check_corpus(args.corpus)  # a bad record, text or repeated id: one line now, not after hours of encoding
     embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
         embedder._check_dim(args.dim)
