@@ -126,6 +126,31 @@ def read_queries(path: Path) -> dict[str, str]:
     return queries
 
 
+def read_query_file(path: str | Path) -> list[str]:
+    """Query texts of a file, in order: JSONL (a `.jsonl` name, or a first line that starts with `{`) with a
+    `text` or `query` field per record, else one query per non-blank line."""
+    path = Path(path)
+    first = next((raw for _, _, raw in iter_lines(path) if raw.strip()), b"")
+    queries = []
+    if path.suffix == ".jsonl" or first.lstrip().startswith(b"{"):
+        for number, record in iter_numbered_jsonl(path):
+            text = record.get("text", record.get("query"))
+            if not isinstance(text, str) or not text.strip():
+                raise QembedError(f"{path}:{number}: no 'text' or 'query' field holding a non-empty string")
+            queries.append(text)
+    else:
+        for number, _, raw in iter_lines(path):
+            try:
+                text = raw.decode("utf-8").lstrip("\ufeff").strip()
+            except UnicodeDecodeError as exc:
+                raise QembedError(f"{path}:{number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            if text:
+                queries.append(text)
+    if not queries:
+        raise QembedError(f"{path}: no queries (the file is empty)")
+    return queries
+
+
 def read_qrels(path: Path) -> Qrels:
     """`query-id  corpus-id  score` rows (tab-separated); a first line whose score is not a number is a header."""
     qrels: Qrels = {}
