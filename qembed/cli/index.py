@@ -37,8 +37,9 @@ def add_parser(subparsers) -> None:
     s.add_argument("--index", required=True, help="index folder written by `qembed index build`")
     s.add_argument("--query", action="append", default=[], metavar="TEXT",
                    help="a query text (repeat for several: the model is loaded once)")  # fmt: skip
-    s.add_argument("--queries", metavar="FILE",
-                   help="file of queries: one per line, or JSONL with a 'text' or 'query' field per line")  # fmt: skip
+    s.add_argument("--query-file", metavar="FILE",
+                   help="file of queries: one per line, or JSONL with a 'text' or 'query' field per line "
+                        "(--queries is embed's switch: one meaning per flag)")  # fmt: skip
     s.add_argument("--top-k", type=int, default=10, help="hits to print")
     s.add_argument("--instruction", help="query instruction (default: the model's own)")
     s.add_argument("--model", help="embedding model (default: the one recorded in the index)")
@@ -106,9 +107,9 @@ def run_search(args) -> int:
 
     if args.top_k < 1:
         raise QembedError("--top-k must be at least 1")
-    queries = list(args.query) + (read_query_file(args.queries) if args.queries else [])
+    queries = list(args.query) + (read_query_file(args.query_file) if args.query_file else [])
     if not queries:
-        raise QembedError("give a query: --query TEXT (repeatable) or --queries FILE")
+        raise QembedError("give a query: --query TEXT (repeatable) or --query-file FILE")
     manifest = Manifest.read(args.index)
     params = search_params(args)
     embedder = Embedder.from_pretrained(args.model or manifest.model, device=args.device, dtype=args.dtype,
