@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
     qa.add_argument("--seed", type=int, default=0, help="seed of the train/test draw (default: 0)")
     add_output_args(qa, help="BEIR folder to write", metavar="DIR")
     add_progress_args(qa)
-    qa.set_defaults(func=run_qa_to_beir)
+    qa.set_defaults(func=run_qa_to_beir, command="data qa-to-beir")
     add_convert_parser(tools)
 
 
@@ -64,7 +64,7 @@ def add_convert_parser(tools) -> None:
     add_output_args(conv, help="where to write: .jsonl, .parquet, or any other name for a datasets folder",
                     metavar="PATH")  # fmt: skip
     add_progress_args(conv)
-    conv.set_defaults(func=run_convert)
+    conv.set_defaults(func=run_convert, command="data convert")
 
 
 def run_convert(args: argparse.Namespace) -> int:

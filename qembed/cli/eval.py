@@ -13,6 +13,7 @@ from qembed.cli.common import (
     check_output,
 )
 from qembed.errors import QembedError
+from qembed.files import claim_output_dir
 
 
 def add_parser(subparsers) -> None:
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from qembed.eval.report import markdown_table
 
     check_output(args.output, dataset=args.dataset)
+    claim_output_dir(args.output, "eval")  # a folder of the user's is refused, never written into
     results = evaluate(
         args.model, args.dataset, split=args.split, instruction=parse_instruction_settings(args), dim=args.dim,
         k=parse_ks(args.k), index=args.index, reranker=args.reranker, rerank_top=args.rerank_top,

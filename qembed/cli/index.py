@@ -35,13 +35,18 @@ def add_parser(subparsers) -> None:
 
     s = subparsers.add_parser("search", help="search an index folder built by `qembed index build`")
     s.add_argument("--index", required=True, help="index folder written by `qembed index build`")
-    s.add_argument("--query", required=True, help="the query text")
+    s.add_argument("--query", action="append", default=[], metavar="TEXT",
+                   help="a query text (repeat for several: the model is loaded once)")  # fmt: skip
+    s.add_argument("--query-file", metavar="FILE",
+                   help="file of queries: one per line, or JSONL with a 'text' or 'query' field per line "
+                        "(--queries is embed's switch: one meaning per flag)")  # fmt: skip
     s.add_argument("--top-k", type=int, default=10, help="hits to print")
     s.add_argument("--instruction", help="query instruction (default: the model's own)")
     s.add_argument("--model", help="embedding model (default: the one recorded in the index)")
     s.add_argument("--reranker", help="re-score the first --rerank-top hits with this reranker")
     s.add_argument("--rerank-top", type=int, help="hits to rerank (default: --top-k)")
-    s.add_argument("--json", action="store_true", help="print the hits as one JSON object")
+    s.add_argument("--json", action="store_true",
+                   help="print one JSON object per query, one per line: {query, results}")  # fmt: skip
     add_search_param_args(s)
     add_milvus_token_arg(s)
     add_device_args(s, what="the models")
@@ -74,9 +79,11 @@ def milvus_token(args) -> str:
 
 
 def run_build(args) -> int:
+    from qembed.data.corpus import check_corpus
     from qembed.index.store import build_index
     from qembed.models.embedder import Embedder
 
+    check_corpus(args.corpus)  # a bad record, text or repeated id: one line now, not after hours of encoding
     embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
         embedder._check_dim(args.dim)
@@ -94,11 +101,15 @@ def run_build(args) -> int:
 
 
 def run_search(args) -> int:
-    from qembed.index.store import Manifest, open_search_index
+    from qembed.data.beir import read_query_file
+    from qembed.index.store import Manifest, open_search_index, rerank_hits
     from qembed.models.embedder import Embedder
 
     if args.top_k < 1:
         raise QembedError("--top-k must be at least 1")
+    queries = list(args.query) + (read_query_file(args.query_file) if args.query_file else [])
+    if not queries:
+        raise QembedError("give a query: --query TEXT (repeatable) or --query-file FILE")
     manifest = Manifest.read(args.index)
     params = search_params(args)
     embedder = Embedder.from_pretrained(args.model or manifest.model, device=args.device, dtype=args.dtype,
@@ -109,14 +120,19 @@ def run_search(args) -> int:
         from qembed.models.reranker import Reranker
 
         reranker = Reranker.from_pretrained(args.reranker, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    hits = index.search(args.query, args.top_k, instruction=args.instruction, reranker=reranker,
-                        rerank_top=args.rerank_top)  # fmt: skip
-    if args.json:
-        results = [{k: v for k, v in vars(h).items() if v is not None} for h in hits]
-        print(json.dumps({"query": args.query, "results": results}, ensure_ascii=False))
-        return 0
-    for rank, hit in enumerate(hits, start=1):
-        rerank = f"\trerank={hit.rerank_score:.4f}" if hit.rerank_score is not None else ""
-        text = " ".join(hit.text.split())
-        print(f"{rank}\t{hit.score:.4f}{rerank}\t{hit.id}\t{text[:200]}")
+    # All queries encoded and searched together; each is reranked on its own hits.
+    found = index.search_vectors(index.encode_queries(queries, args.instruction), args.top_k)
+    for number, (query, hits) in enumerate(zip(queries, found), start=1):
+        if reranker is not None:
+            hits = rerank_hits(reranker, query, hits, args.rerank_top, args.instruction)
+        if args.json:
+            results = [{k: v for k, v in vars(h).items() if v is not None} for h in hits]
+            print(json.dumps({"query": query, "results": results}, ensure_ascii=False), flush=True)
+            continue
+        if len(queries) > 1:
+            print(f"{'' if number == 1 else chr(10)}# query {number}: {' '.join(query.split())}")
+        for rank, hit in enumerate(hits, start=1):
+            rerank = f"\trerank={hit.rerank_score:.4f}" if hit.rerank_score is not None else ""
+            text = " ".join(hit.text.split())
+            print(f"{rank}\t{hit.score:.4f}{rerank}\t{hit.id}\t{text[:200]}")
     return 0

@@ -6,7 +6,9 @@ document per line. A document's text is `join_title(title, text)` (a JSONL `titl
 Ids: a JSONL record's `_id`, else its `id`, else its 1-based line number in the file; a `.txt` document's
 id is its 1-based line number. Line numbers count blank lines, so an id stays the same when the same file
 is read again, names the line an editor (and every error message) shows, and is the same in every command.
-A repeated id keeps its first position and its last text, with a warning.
+Every id appears once: a repeated id is an error naming the file and both lines, raised while reading
+(`qembed.data.jsonl.UniqueIds`), so it is reported before any model work. Text that is not valid Unicode (a
+lone UTF-16 surrogate such as JSON's `"\\ud800"`, invalid UTF-8) is a `file:line` error too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterator, Mapping, ValuesView
 from pathlib import Path
 from typing import NamedTuple
 
-from qembed.data.jsonl import iter_lines, parse_jsonl_line
+from qembed.data.jsonl import UniqueIds, iter_lines, iter_numbered_jsonl, parse_jsonl_line
 from qembed.data.text import join_title
 from qembed.errors import QembedError
 
@@ -45,17 +47,27 @@ def iter_corpus(path: str | Path, *, text_field: str = "text", keep_blank: bool 
 
 def read_corpus(path: str | Path, *, text_field: str = "text", limit: int | None = None,
                 keep_blank: bool = False) -> dict[str, str]:
-    """The first `limit` (default: all) distinct documents in memory, as `{doc_id: text}` in file order."""
+    """The first `limit` (default: all) documents in memory, as `{doc_id: text}` in file order."""
     path = corpus_path(path)
     corpus: dict[str, str] = {}
-    duplicates = 0
-    for doc in iter_corpus(path, text_field=text_field, keep_blank=keep_blank):
-        if limit is not None and len(corpus) >= limit and doc.doc_id not in corpus:
+    docs = iter_corpus(path, text_field=text_field, keep_blank=keep_blank)
+    while limit is None or len(corpus) < limit:  # stop before reading past the limit
+        doc = next(docs, None)
+        if doc is None:
             break
-        duplicates += doc.doc_id in corpus
         corpus[doc.doc_id] = doc.text
-    _check(path, len(corpus), duplicates)
+    _check(path, len(corpus))
     return corpus
+
+
+def check_corpus(path: str | Path, *, text_field: str = "text") -> int:
+    """Read a corpus once without keeping its texts, raising `QembedError` (`file:line`) on anything a later
+    read would refuse: a bad record, invalid text, a repeated id, an empty corpus. Returns the number of
+    documents (blank ones included). For verbs that stream a corpus into long work (`index build`)."""
+    path = corpus_path(path)
+    count = sum(1 for _ in _iter_with_offsets(path, text_field, True))
+    _check(path, count)
+    return count
 
 
 def open_corpus(path: str | Path, *, text_field: str = "text", keep_blank: bool = False,
@@ -94,18 +106,11 @@ class CorpusFile(Mapping):
         self.ids: list[str] = []
         self._rows: dict[str, int] = {}
         self._offsets = array("q")
-        duplicates = 0
-        for offset, doc in _iter_with_offsets(self.path, text_field, keep_blank):
-            row = self._rows.get(doc.doc_id)
-            if row is None:
-                self._rows[doc.doc_id] = len(self.ids)
-                self.ids.append(doc.doc_id)
-                self._offsets.append(offset)
-            else:
-                duplicates += 1
-                self._offsets[row] = offset
-        _check(self.path, len(self.ids), duplicates)
-        self._in_order = duplicates == 0
+        for offset, doc in _iter_with_offsets(self.path, text_field, keep_blank):  # ids are unique (the reader)
+            self._rows[doc.doc_id] = len(self.ids)
+            self.ids.append(doc.doc_id)
+            self._offsets.append(offset)
+        _check(self.path, len(self.ids))
         self._file = None
 
     def text(self, row: int) -> str:
@@ -137,13 +142,9 @@ class CorpusFile(Mapping):
         return _StreamedTexts(self)
 
     def iter_texts(self) -> Iterator[str]:
-        """Texts in `ids` order, read sequentially (one seek per document only when ids repeat)."""
-        if self._in_order:
-            for _, doc in _iter_with_offsets(self.path, *self._options):
-                yield doc.text
-        else:
-            for row in range(len(self.ids)):
-                yield self.text(row)
+        """Texts in `ids` order, read sequentially."""
+        for _, doc in _iter_with_offsets(self.path, *self._options):
+            yield doc.text
 
 
 class _StreamedTexts(ValuesView):
@@ -163,15 +164,24 @@ def record_id(record: dict, path: Path, number: int) -> str | None:
     return None
 
 
+def iter_ids(path: str | Path) -> Iterator[tuple[int, str]]:
+    """`(line number, id)` of every record of a JSONL corpus or queries file (the id rule above)."""
+    for number, record in iter_numbered_jsonl(path):
+        yield number, record_id(record, Path(path), number) or str(number)
+
+
 def _iter_with_offsets(path: Path, text_field: str, keep_blank: bool) -> Iterator[tuple[int, Document]]:
     if not path.is_file():
         raise QembedError(f"corpus file not found: {path}")
     jsonl = path.suffix == ".jsonl"
+    ids = UniqueIds(path, "document id", lambda: iter_ids(path)) if jsonl else None  # .txt: ids are line numbers
     blank = 0
     for number, offset, raw in iter_lines(path):
         if jsonl and not raw.strip():
             continue  # not a record
         doc = _parse(raw, path, number, text_field, jsonl)
+        if ids is not None:
+            ids.add(doc.doc_id, number)
         if doc.text or keep_blank:
             yield offset, doc
         else:
@@ -195,8 +205,6 @@ def _parse(raw: bytes, path: Path, number: int, text_field: str, jsonl: bool) ->
     return Document(record_id(record, path, number) or str(number), join_title(title, text))
 
 
-def _check(path: Path, count: int, duplicates: int) -> None:
+def _check(path: Path, count: int) -> None:
     if not count:
         raise QembedError(f"{path}: the corpus is empty (no documents)")
-    if duplicates:
-        log.warning("%s: %d repeated document id(s); each keeps its last text", path, duplicates)

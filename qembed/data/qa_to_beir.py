@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qembed.data.beir import write_beir
-from qembed.data.jsonl import parse_jsonl_line
+from qembed.data.jsonl import check_encodable_json, parse_jsonl_line
 from qembed.errors import QembedError
 
 FORMATS = ("json", "jsonl", "csv")
@@ -139,6 +139,7 @@ def read_rows(path: Path, *, format: str | None = None, encoding: str = "utf-8")
             raise QembedError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise QembedError(f"{path}: expected a JSON array of objects")
+        check_encodable_json(data, text, path)
         return data
     if format == "jsonl":
         lines = enumerate(text.splitlines(), start=1)

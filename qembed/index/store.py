@@ -142,8 +142,6 @@ def build_index(
                 probe.add(vectors)
     if vector_index is None:
         raise QembedError(f"{corpus}: the corpus is empty")
-    if len(set(ids)) < len(ids):
-        raise QembedError(f"{corpus}: document ids are not unique")
     recall = round(probe.recall(vector_index), 4) if probe is not None else None
     vector_index.save(vectors_tmp)
     np.save(output / ".docs.offsets.tmp.npy", np.asarray(offsets, dtype=np.int64))
