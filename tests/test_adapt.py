@@ -396,7 +396,8 @@ def test_qa_to_beir_gives_adapts_split_and_eval_warns_on_a_leaked_split(full_run
 
     def evaluate_best(folder):
         return subprocess.run([sys.executable, "-m", "qembed", "eval", "--model", str(out / "best"), "--dataset",
-                               str(folder), "--no-progress"], env=env, capture_output=True, text=True, check=True)  # fmt: skip
+                               str(folder), "--output", str(folder.with_name(folder.name + "-eval")), "--no-progress"],
+                              env=env, capture_output=True, text=True, check=True)  # fmt: skip
 
     honest = evaluate_best(folders[0])  # adapt's own test split: no warning
     assert "WARNING" not in honest.stderr + honest.stdout
