@@ -31,7 +31,7 @@ from qembed.files import (
 
 STATE_FILE = "state.json"
 VERB = "adapt"
-HEARTBEAT = 2.0  # seconds between saves of a running stage's time
+HEARTBEAT = 1.0  # seconds between saves of a running stage's time
 
 
 @dataclass
