@@ -75,7 +75,8 @@ SPEC: dict[str, Any] = {
         "lora_r": (16, "LoRA rank"),
         "lora_alpha": (32, "LoRA alpha"),
         "lora_dropout": (0.05, "LoRA dropout"),
-        "grad_cache_chunk": (None, "GradCache chunk size in texts (null: plain batch)"),
+        "grad_cache_chunk": (None, "GradCache chunk size in texts (null: plain batch); bounds training memory, "
+                                   "e.g. 32: MiniLM at batch 32 x 128 tokens peaked at 2.6 GB instead of 4.9 GB"),
         "grad_accum": (1, "micro-batches per optimizer step"),
         "gradient_checkpointing": (False, "recompute activations in the backward pass"),
         "mrl_dims": (None, "Matryoshka dims, e.g. [64, 128, 256]"),
