@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
 
 from qembed.cli.common import (
     add_list,
@@ -14,6 +16,8 @@ from qembed.cli.common import (
 )
 from qembed.errors import QembedError
 from qembed.files import claim_output_dir
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
@@ -72,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_output(args.output, dataset=args.dataset)
     claim_output_dir(args.output, "eval")  # a folder of the user's is refused, never written into
+    leaks = training_overlap_warnings(args.model, args.dataset, args.split)
+    for line in leaks:
+        log.warning(line)
     results = evaluate(
         args.model, args.dataset, split=args.split, instruction=parse_instruction_settings(args), dim=args.dim,
         k=parse_ks(args.k), index=args.index, reranker=args.reranker, rerank_top=args.rerank_top,
@@ -82,4 +89,29 @@ def run(args: argparse.Namespace) -> int:
     print(f"{first['dataset']} ({first['split']}): {first['num_queries']} queries, {first['num_docs']} documents")
     print(markdown_table(results))
     print(f"wrote {args.output}/metrics.json, report.md, recall_at_k.png")
+    for line in leaks:  # again after the table, where the figures are read
+        print(line)
     return 0
+
+
+def training_overlap_warnings(models: list[str], dataset: str, split: str) -> list[str]:
+    """A loud line per model that was trained (or had choices made) on queries of the evaluated split: a model
+    `qembed adapt` wrote records its train and dev queries (`qembed.data.splits.training_overlap`). Evaluation
+    goes on (measuring a model on data it saw can be deliberate), but the figures are not held-out ones."""
+    from qembed.data.beir import read_qrels, read_queries
+    from qembed.data.splits import TRAINING_QUERIES_FILE, training_overlap
+
+    folder = Path(dataset)
+    trained = [m for m in models if (Path(m) / TRAINING_QUERIES_FILE).is_file()]
+    if not trained or not (folder / "qrels" / f"{split}.tsv").is_file() or not (folder / "queries.jsonl").is_file():
+        return []
+    queries = read_queries(folder / "queries.jsonl")
+    texts = [queries[q] for q in read_qrels(folder / "qrels" / f"{split}.tsv") if q in queries]
+    lines = []
+    for model in trained:
+        for seen, n in training_overlap(model, texts).items():
+            role = "trained on" if seen == "train" else f"chosen on ({seen} split)"
+            lines.append(f"WARNING: {n} of the {len(texts)} {split} queries of {dataset} are queries {model} was {role}: "
+                         "these figures are not held-out; evaluate on the test split of its own run "
+                         "(OUTPUT/data/beir), or split this data with the same seed")  # fmt: skip
+    return lines

@@ -6,7 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
+from qembed.data.beir import read_qrels, read_queries
+from qembed.data.splits import write_training_queries
+from qembed.errors import QembedError
 from qembed.eval.report import plot_recall
+from qembed.files import mark_owned, remove_owned_dir
 from qembed.models.card import adapt_card
 
 COLUMNS = ["recall@1", "recall@5", "recall@10", "recall@30", "recall@100", "ndcg@10", "mrr@10"]
@@ -117,11 +121,17 @@ def write_report(cfg: dict, out: Path, seconds: dict[str, float]) -> dict:
     choice = recommend(results, metric)
 
     best_dir = out / "best"
-    if best_dir.exists():
-        shutil.rmtree(best_dir)
+    if best_dir.exists() and not remove_owned_dir(best_dir, "adapt"):
+        raise QembedError(f"{best_dir} exists but qembed did not create it (no adapt marker): move it away")
     from qembed.models.loading import resolve_model_dir
 
     shutil.copytree(resolve_model_dir(choice["model"]), best_dir, ignore=shutil.ignore_patterns("checkpoints", "train_log.jsonl"))
+    mark_owned(best_dir, "adapt")
+    if choice["variant"] != "base":  # what chose these weights, so `qembed eval` can flag a leaked test split
+        beir = out / "data" / "beir"
+        queries = read_queries(beir / "queries.jsonl")
+        write_training_queries(best_dir, {split: [queries[q] for q in read_qrels(beir / "qrels" / f"{split}.tsv")]
+                                          for split in ("train", "dev") if (beir / "qrels" / f"{split}.tsv").is_file()})  # fmt: skip
     test = [r for r in results if r["set"] == "test"]
     plot_recall([{**r, "model": r["variant"], "dim": None} for r in test], out / "recall_at_k.png")
     has_training = plot_training(out / "train" / "model" / "train_log.jsonl", metric, out / "training.png")
