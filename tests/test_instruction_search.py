@@ -97,8 +97,9 @@ def test_eval_instruction_search_bad_input_is_one_line(tiny_embedder_path, tmp_p
              (["--dev-split", "train", "--search-metric", "ndcg"], "at a cut-off"),
              (["--dev-split", "train", "--llm-base-url", "http://127.0.0.1:9/v1"], "need both --llm-base-url and --llm-model"),
              (["--dev-split", "train", "--instruction-modes", "none"], "drop --instruction-modes")]  # fmt: skip
-    for extra, message in cases:
-        code = main(["eval", "--model", str(tiny_embedder_path), "--dataset", str(folder), "--instruction-search",
+    for extra, message in [*cases, (["--llm-model", "m"], "add it")]:
+        search = ["--instruction-search"] if message != "add it" else []
+        code = main(["eval", "--model", str(tiny_embedder_path), "--dataset", str(folder), *search,
                      "--output", str(tmp_path / "out"), *extra])  # fmt: skip
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from qembed.eval.report import markdown_table, write_outputs
 
     check_output(args.output, dataset=args.dataset)
+    if not args.instruction_search and (args.llm_base_url or args.llm_model):
+        raise QembedError("--llm-base-url/--llm-model write candidates for --instruction-search: add it")
     options = dict(split=args.split, dim=args.dim, k=parse_ks(args.k), index=args.index, reranker=args.reranker,
                    rerank_top=args.rerank_top, ndcg_gain=args.ndcg_gain, cache_dir=args.cache_dir, device=args.device,
                    dtype=args.dtype, batch_tokens=args.batch_tokens, quantize=args.quantize)  # fmt: skip
