@@ -139,8 +139,9 @@ def adapt_run(tiny_embedder_path, tmp_path_factory):
     with ScriptedLLMServer() as server:
         code = main(["adapt", "--model", str(tiny_embedder_path), "--dataset", str(folder), "--output", str(root / "run"),
                      "--llm-base-url", server.base_url, "--llm-model", "scripted-llm", "--set", "data.dev_fraction=0.3",
-                     "--set", "train.batch_size=4", "--set", "train.max_length=48", "--set", "train.evaluations=0",
-                     "--set", "merge.t=[1.0]", "--set", "negatives.num_negatives=2", "--no-progress"])  # fmt: skip
+                     "--set", "train.batch_size=4", "--set", "train.epochs=1", "--set", "train.max_length=48",
+                     "--set", "train.evaluations=0", "--set", "merge.t=[1.0]", "--set", "negatives.num_negatives=2",
+                     "--no-progress"])  # fmt: skip
         requests = [r["body"]["messages"][-1]["content"] for r in server.requests]
     assert code == 0
     return root / "run", requests

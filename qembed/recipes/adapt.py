@@ -161,8 +161,9 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
     ]
     if searching:
         llm = [data["llm_base_url"], data["llm_model"]] if data["llm_base_url"] else None
+        search_on = {key: ev[key] for key in ("metric", "k", "index")}
         stages.append(Stage("instruction", stage_instruction, {"model": base, "instruction": cfg["instruction"],
-                                                               "llm": llm, "eval": ev}, ["data"]))  # fmt: skip
+                                                               "llm": llm, "eval": search_on}, ["data"]))  # fmt: skip
     stages += [
         Stage("negatives", stage_negatives, {"model": base, "negatives": cfg["negatives"], "index": ev["index"]},
               ["data"]),  # fmt: skip
