@@ -129,6 +129,22 @@ def test_written_prompt_is_the_folder_default(tiny_embedder_path, tmp_path):
     assert not np.allclose(emb.encode_queries(texts), emb.encode(texts, instruction=DEFAULT_QUERY_INSTRUCTION))
 
 
+def test_adapt_unreachable_instruction_llm_is_one_line_before_any_work(tiny_embedder_path, tmp_path, capsys):
+    import socket
+
+    folder = write_planted(tmp_path / "farm", {"train": questions(4), "test": questions(2, 4)},
+                           {"train": PLANTED, "test": PLANTED})  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for extra, message in [(["--llm-model", "m"], "LLM server unreachable"), ([], "needs --llm-model")]:
+        code = main(["adapt", "--model", str(tiny_embedder_path), "--dataset", str(folder), "--output",
+                     str(tmp_path / "run"), "--llm-base-url", f"http://127.0.0.1:{port}/v1", *extra])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def adapt_run(tiny_embedder_path, tmp_path_factory):
     """`qembed adapt --dataset` on a planted folder (train for dev, test planted for bare queries), with the

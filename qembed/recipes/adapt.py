@@ -268,6 +268,11 @@ def check_config(cfg: dict, *, check_sources: bool = True) -> None:
         for name in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv"):
             if not (folder / name).is_file():
                 raise QembedError(f"--dataset {folder}: {name} not found (a BEIR folder with train and test qrels)")
+    if source != "llm" and data["llm_base_url"] and cfg["instruction"]["search"] and cfg["instruction"]["llm_count"]:
+        if not data["llm_model"]:
+            raise QembedError("--llm-base-url needs --llm-model (the LLM that writes candidate instructions)")
+        if check_sources:
+            _check_reachable(data["llm_base_url"])
 
 
 def _check_reachable(base_url: str) -> None:
