@@ -19,6 +19,7 @@ FLAGS = {
     "llm_base_url": "data.llm_base_url", "llm_model": "data.llm_model", "api_key_env": "data.api_key_env",
     "dataset": "data.dataset", "reranker": "reranker.model", "retention_dataset": "eval.retention_dataset",
     "keep_checkpoints": "keep_checkpoints",
+    "instruction": "instruction.candidates",
 }  # fmt: skip
 
 
@@ -44,11 +45,14 @@ def add_parser(subparsers) -> None:
                      help="format of the QA files (default: from the extension; SQuAD JSON is detected)")  # fmt: skip
     src.add_argument("--corpus", metavar="FILE", help="documents; an LLM writes the queries")
     src.add_argument("--text-field", metavar="NAME", help="text field of a JSONL corpus (default: text)")
-    src.add_argument("--llm-base-url", metavar="URL", help="OpenAI-compatible server that writes the queries")
+    src.add_argument("--llm-base-url", metavar="URL",
+                     help="OpenAI-compatible server that writes the queries (with --corpus) and candidate instructions")
     src.add_argument("--llm-model", metavar="NAME", help="model name sent to that server")
     src.add_argument("--api-key-env", metavar="VAR", help="environment variable holding its API key")
     src.add_argument("--dataset", metavar="BEIR_DIR", help="a BEIR folder with train and test qrels")
     p.add_argument("--reranker", metavar="M", help="reranker to fine-tune and evaluate retrieve-then-rerank")
+    p.add_argument("--instruction", action="append", metavar="TEXT",
+                   help="a query instruction to try in the instruction search (repeatable; docs/instruction-search.md)")
     p.add_argument("--retention-dataset", metavar="BEIR_DIR", help="general-domain set evaluated at the end")
     p.add_argument("--keep-checkpoints", action="store_true", default=None,
                    help="keep training checkpoints once training is done (default: removed)")  # fmt: skip

@@ -97,7 +97,8 @@ class Embedder:
                 self.default_instruction = instruction
             else:
                 self.query_prompt = query_prompt
-        elif self.pooling == "lasttoken" and getattr(model.config, "model_type", "").startswith("qwen"):
+        elif "query" not in info.prompts and self.pooling == "lasttoken" and \
+                getattr(model.config, "model_type", "").startswith("qwen"):  # an empty query prompt: no instruction
             self.default_instruction = prompts.DEFAULT_QUERY_INSTRUCTION
         self.fingerprint = weights_fingerprint(model_dir, self.pooling, self.max_length, info.normalize, "fmt-1")
         self.matryoshka = declares_matryoshka(model_dir)  # else `dim` warns once

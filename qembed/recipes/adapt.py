@@ -1,6 +1,6 @@
 """`qembed adapt`: adapt an embedder to a domain in one resumable run.
 
-    data -> baseline -> negatives -> train -> merge -> [reranker] -> final -> report
+    data -> baseline -> instruction -> negatives -> train -> merge -> [reranker] -> final -> report
 
 Each stage is a few calls into the library, working in `OUTPUT/<stage>/`; `qembed.recipes.stages` skips
 finished stages, resumes interrupted ones and reruns changed ones. Only the dev split drives choices
@@ -21,6 +21,11 @@ from qembed.errors import QembedError
 from qembed.eval.evaluate import evaluate
 from qembed.models.prompts import MODEL_DEFAULT
 from qembed.recipes.adapt_config import source_of
+from qembed.recipes.adapt_instruction import (
+    FinalInstructions,
+    check_instruction_config,
+    run_instruction_stage,
+)
 from qembed.recipes.stages import Pipeline, Stage
 
 MODES = {"default": MODEL_DEFAULT, "none": None}
@@ -39,9 +44,15 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
     base = cfg["model"]
     mined = out / "negatives" / "mined.jsonl"
 
-    def run_eval(models, split, folder, dataset=beir, **kw):
-        return evaluate(models, dataset, split=split, instruction=modes, k=ev["k"], index=ev["index"],
+    def run_eval(models, split, folder, dataset=beir, instruction=modes, **kw):
+        return evaluate(models, dataset, split=split, instruction=instruction, k=ev["k"], index=ev["index"],
                         cache_dir=cache, output=folder, show_progress=show_progress, **kw)  # fmt: skip
+
+    def search(model, candidates):  # the dev split only
+        from qembed.eval.instruction_search import search_instruction
+
+        return search_instruction(model, beir, candidates, split="dev", metric=ev["metric"], k=ev["k"],
+                                  index=ev["index"], cache_dir=cache, show_progress=show_progress)  # fmt: skip
 
     def stage_data(folder: Path) -> None:
         sizes = SplitSizes(data["dev_fraction"], data["test_fraction"], data["max_dev"], data["max_test"])
@@ -71,6 +82,9 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
     def stage_baseline(folder: Path) -> None:
         for split in ("dev", "test"):
             run_eval([base, *cfg["compare_models"]], split, folder / split)
+
+    def stage_instruction(folder: Path) -> None:
+        run_instruction_stage(cfg, beir, folder, search)
 
     def stage_negatives(folder: Path) -> None:
         from qembed.mine import mine_hard_negatives
@@ -141,10 +155,13 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
         sets = [("dev", beir), ("test", beir)]
         if ev["retention_dataset"]:
             sets.append(("retention", Path(ev["retention_dataset"])))
+        chosen = FinalInstructions(cfg, out, folder, search) if searching else None
         for name, model, reranker in variants():
+            settings = [chosen.chosen(name, model), *modes] if chosen else modes  # the choice first: it wins ties
             for split, dataset in sets:
                 extra = {"reranker": reranker, "rerank_top": cfg["reranker"]["rerank_top"]} if reranker else {}
-                for entry in run_eval([model], "dev" if split == "dev" else "test", None, dataset=dataset, **extra):
+                for entry in run_eval([model], "dev" if split == "dev" else "test", None, dataset=dataset,
+                                      instruction=settings, **extra):  # fmt: skip
                     results.append({"variant": name, "set": split, **entry})
         (folder / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
 
@@ -153,9 +170,17 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
 
         write_report(cfg, out, pipeline.seconds())
 
+    searching = cfg["instruction"]["search"]
     stages = [
         Stage("data", stage_data, {"data": data, "seed": cfg["seed"]}, inputs=_inputs(cfg)),
         Stage("baseline", stage_baseline, {"models": [base, *cfg["compare_models"]], "eval": ev}, ["data"]),
+    ]
+    if searching:
+        llm = [data["llm_base_url"], data["llm_model"]] if data["llm_base_url"] else None
+        search_on = {key: ev[key] for key in ("metric", "k", "index")}
+        stages.append(Stage("instruction", stage_instruction, {"model": base, "instruction": cfg["instruction"],
+                                                               "llm": llm, "eval": search_on}, ["data"]))  # fmt: skip
+    stages += [
         Stage("negatives", stage_negatives, {"model": base, "negatives": cfg["negatives"], "index": ev["index"]},
               ["data"]),  # fmt: skip
         Stage("train", stage_train, {"model": base, "metric": ev["metric"],
@@ -166,7 +191,8 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
     if cfg["reranker"]["model"]:
         stages.append(Stage("reranker", stage_reranker, {"reranker": cfg["reranker"]}, ["negatives"],
                             on_resume=_checkpoint_note))  # fmt: skip
-    final_after = ["data", "merge", *(["reranker"] if cfg["reranker"]["model"] else [])]
+    final_after = ["data", "merge", *(["reranker"] if cfg["reranker"]["model"] else []),
+                   *(["instruction"] if searching else [])]  # fmt: skip
     stages.append(Stage("final", stage_final, {"eval": ev, "rerank_top": cfg["reranker"]["rerank_top"]}, final_after))
     stages.append(Stage("report", stage_report, {}, [s.name for s in stages]))
     pipeline = Pipeline(out, stages, also_writes=("best",))
@@ -247,6 +273,7 @@ def check_config(cfg: dict, *, check_sources: bool = True) -> None:
         raise QembedError(f"eval.instruction_modes must be a list of {' / '.join(MODES)}, got {bad}")
     if not cfg["merge"]["t"] or not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in cfg["merge"]["t"]):
         raise QembedError(f"merge.t must be a list of numbers in [0, 1], got {cfg['merge']['t']}")
+    check_instruction_config(cfg)
     if cfg["train"]["batch_size"] < 2 or cfg["train"]["epochs"] < 1:
         raise QembedError("train.batch_size must be at least 2 and train.epochs at least 1")
     source, data = source_of(cfg), cfg["data"]
@@ -273,6 +300,11 @@ def check_config(cfg: dict, *, check_sources: bool = True) -> None:
         for name in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv"):
             if not (folder / name).is_file():
                 raise QembedError(f"--dataset {folder}: {name} not found (a BEIR folder with train and test qrels)")
+    if source != "llm" and data["llm_base_url"] and cfg["instruction"]["search"] and cfg["instruction"]["llm_count"]:
+        if not data["llm_model"]:
+            raise QembedError("--llm-base-url needs --llm-model (the LLM that writes candidate instructions)")
+        if check_sources:
+            _check_reachable(data["llm_base_url"])
 
 
 def check_inputs(cfg: dict) -> None:

@@ -99,6 +99,12 @@ SPEC: dict[str, Any] = {
         "num_negatives": (3, "negatives per positive"),
         "max_length": (512, "token limit per pair"),
     },
+    "instruction": {
+        "search": (True, "choose the query instruction on dev (the model's default, none, the closest mteb task's, "
+                         "candidates, LLM-written) for each model; best/ gets the recommended one"),
+        "candidates": ([], "more instructions to try (--instruction)"),
+        "llm_count": (3, "instructions the LLM of data.llm_base_url writes from train pairs (0: none)"),
+    },
     "eval": {
         "metric": ("ndcg@10", "dev metric behind every automatic choice (merge t, recommended variant)"),
         "k": ([1, 5, 10, 30, 100], "cut-offs reported"),
