@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output, dataset=args.dataset)
     if not args.instruction_search and (args.llm_base_url or args.llm_model):
         raise QembedError("--llm-base-url/--llm-model write candidates for --instruction-search: add it")
+    if args.instruction_search:
+        check_instruction_search(args)
     claim_output_dir(args.output, "eval")  # a folder of the user's is refused, never written into
     leaks = training_overlap_warnings(args.model, args.dataset, args.split)
     for line in leaks:
@@ -134,13 +136,11 @@ def training_overlap_warnings(models: list[str], dataset: str, split: str) -> li
     return lines
 
 
-def search_instructions(args: argparse.Namespace) -> list[tuple[str, object]]:
-    """`--instruction-search`: (model, its best query format on the dev split) for each model; each search is
-    printed and all are written to OUTPUT/instruction_search.json."""
+def check_instruction_search(args: argparse.Namespace) -> None:
+    """`--instruction-search`'s own flags, checked before any output or model work."""
     from pathlib import Path
 
-    from qembed.eval.instruction_search import check_metric, gather_candidates, search_instruction
-    from qembed.files import atomic_write_json
+    from qembed.eval.instruction_search import check_metric
 
     folder = Path(args.dataset)
     if args.dev_split == args.split:
@@ -151,9 +151,6 @@ def search_instructions(args: argparse.Namespace) -> list[tuple[str, object]]:
     if not (folder / "qrels" / f"{args.split}.tsv").is_file():
         raise QembedError(f"no qrels for split {args.split!r}: {folder}/qrels/{args.split}.tsv not found")
     check_metric(args.search_metric)
-    if not (folder / "qrels" / f"{args.split}.tsv").is_file():
-        raise QembedError(f"no qrels for split {args.split!r}: {folder}/qrels/{args.split}.tsv not found")
-    check_metric(args.search_metric)
     if args.instruction_modes is not None:
         raise QembedError("--instruction-search compares the model's default and no instruction itself: drop "
                           "--instruction-modes")  # fmt: skip
@@ -161,6 +158,17 @@ def search_instructions(args: argparse.Namespace) -> list[tuple[str, object]]:
         raise QembedError("LLM-written candidates need both --llm-base-url and --llm-model")
     if args.llm_instructions < 0:
         raise QembedError(f"--llm-instructions must be 0 or more, got {args.llm_instructions}")
+
+
+def search_instructions(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """`--instruction-search`: (model, its best query format on the dev split) for each model; each search is
+    printed and all are written to OUTPUT/instruction_search.json."""
+    from pathlib import Path
+
+    from qembed.eval.instruction_search import gather_candidates, search_instruction
+    from qembed.files import atomic_write_json
+
+    folder = Path(args.dataset)
     llm = None
     if args.llm_base_url:
         from qembed.synth.llm import OpenAIChat
