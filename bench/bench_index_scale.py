@@ -6,9 +6,12 @@ with qembed `quantize="int8"` and the vectors kept in `--cache` (reused by later
 seed; `--subset N` embeds and uses only the first N documents, and a later run continues the cache). Then, with qembed's FAISS index (`qembed.index.faiss_index.FaissIndex`, the index behind
 `--index faiss:...`): an exact `Flat` index and `IVF<nlist>,Flat` (nlist ~ 4 sqrt(N) unless `--nlist`), trained
 on a seeded sample; for each nprobe, recall@10 of the IVF answer against the exact one, and the queries/s of
-both (all queries in one call, best of `--repeats`, exact and IVF alternating), with the ratio.
+both (`--time-queries` queries, `--batch-size` per search call: 1 = one request at a time as `qembed search`
+and the server see them, a large batch = bulk search, where exact search is one matrix product; best of
+`--repeats`, exact and IVF alternating), with the ratio.
 
-    python bench/bench_index_scale.py --docs 100000 [--subset 30000] [--queries 2000] [--nprobe 1,2,4,8,16,32,64] [--threads 2]
+    python bench/bench_index_scale.py --docs 100000 [--subset 30000] [--queries 2000] [--nprobe 1,2,4,8,16,32,64]
+                                      [--batch-size 1] [--time-queries 200] [--threads 2]
 
 Target (issue 18, at 1M documents): recall@10 >= 0.95 at >= 10x the exact search's queries/s.
 """
@@ -61,9 +64,9 @@ def embed_cached(texts: list[str], cache: Path, chunk: int = 4096) -> np.ndarray
     return np.fromfile(cache, dtype=np.float32).reshape(-1, dim)[: len(texts)]
 
 
-def queries_per_second(index, queries: np.ndarray, k: int, params) -> float:
+def queries_per_second(index, queries: np.ndarray, k: int, params, batch_size: int) -> float:
     start = time.perf_counter()
-    index.search_rows(queries, k, params=params)
+    index.search_rows(queries, k, params=params, batch_size=batch_size)
     return len(queries) / (time.perf_counter() - start)
 
 
@@ -75,6 +78,10 @@ def main() -> None:
     parser.add_argument("--nlist", type=int, help="IVF lists (default: 4 sqrt(docs), rounded to a power of 2)")
     parser.add_argument("--nprobe", default="1,2,4,8,16,32,64")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="queries per search call while timing: 1 = one request at a time, as `qembed search` "
+                             "and the server; 2000 = bulk (exact search becomes one matrix product)")
+    parser.add_argument("--time-queries", type=int, default=200, help="queries timed (recall uses all of them)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "qembed-bench-index-scale")
@@ -109,7 +116,8 @@ def main() -> None:
     ivf.search_rows(queries[:1], k)  # trains on a seeded sample of the vectors added
     print(f"IVF{nlist},Flat trained on {ivf.train_size} vectors and filled in {time.perf_counter() - start:.1f} s")
     truth, _ = exact.search_rows(queries, k)
-    print(f"\n{len(docs)} documents, {len(queries)} queries, k={k}; best of {args.repeats}, alternating order")
+    print(f"\n{len(docs)} documents, {len(queries)} queries, k={k}; queries/s over {args.time_queries} queries, "
+          f"{args.batch_size} per search call, best of {args.repeats}, alternating order")
     print(f"| index                     | recall@{k} | queries/s | vs exact |")
     rows = []
     for nprobe in [int(n) for n in args.nprobe.split(",") if int(n) <= nlist]:
@@ -120,7 +128,7 @@ def main() -> None:
         for turn in range(args.repeats):  # alternate which goes first
             pair = [("exact", exact, None), ("ivf", ivf, params)]
             for name, index, p in pair if turn % 2 == 0 else reversed(pair):
-                qps = queries_per_second(index, queries, k, p)
+                qps = queries_per_second(index, queries[: args.time_queries], k, p, args.batch_size)
                 if name == "exact":
                     exact_qps = max(exact_qps, qps)
                 else:
