@@ -268,8 +268,9 @@ def main() -> None:
             cosine = "-"
             if reference is not None:
                 cosine = f"{float(np.min((np.load(work / f'{VARIANTS[name]}.npy') * reference).sum(axis=1))):.4f}"
-            print(f"| {name:<42} | {tokens / seconds:8.1f} | {base / seconds if base else 0:9.2f}x | "
-                  f"{fp32 / seconds if fp32 else 0:13.2f}x | {cosine:>22} |")  # fmt: skip
+            vs_base = f"{base / seconds:.2f}x" if base else "-"
+            vs_fp32 = f"{fp32 / seconds:.2f}x" if fp32 else "-"
+            print(f"| {name:<42} | {tokens / seconds:8.1f} | {vs_base:>10} | {vs_fp32:>14} | {cosine:>22} |")
         for name, fact in facts.items():
             shown = {k: v for k, v in fact.items() if k in ("matmuls", "precision", "profile", "error")}
             if shown:
