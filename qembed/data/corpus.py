@@ -190,7 +190,13 @@ def _parse(raw: bytes, path: Path, number: int, text_field: str, jsonl: bool) ->
         raise QembedError(f"{path}:{number}: no field {text_field!r} holding a string (fields: {sorted(record)})")
     if title is not None and not isinstance(title, str):
         raise QembedError(f"{path}:{number}: 'title' must be a string")
-    return Document(record_id(record, path, number) or str(number), join_title(title, text))
+    doc = Document(record_id(record, path, number) or str(number), join_title(title, text))
+    try:
+        doc.text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a JSON escape of half a UTF-16 pair: no model can read it
+        raise QembedError(f"{path}:{number}: the text is not valid Unicode (a lone surrogate "
+                          f"U+{ord(doc.text[exc.start]):04X} at character {exc.start})") from None
+    return doc
 
 
 def _check(path: Path, count: int, duplicates: int) -> None:
