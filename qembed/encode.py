@@ -27,7 +27,7 @@ from qembed.models.matryoshka import truncate_and_normalize
 from qembed.models.prompts import QueryFormat
 from qembed.progress import progress_bar
 
-__all__ = ["CHUNK_SIZE", "CachedEncoder", "encode_texts", "encode_with_cache", "iter_encode_with_cache"]
+__all__ = ["CHUNK_SIZE", "CachedEncoder", "NoCache", "encode_texts", "encode_with_cache", "iter_encode_with_cache"]
 
 CHUNK_SIZE = 1024  # texts read (and looked up, tokenised) at a time: enough for full token-budget batches
 READ_AHEAD = 2  # chunks prepared ahead of the model
@@ -63,7 +63,9 @@ class CachedEncoder:
         self.embedder = embedder
         self.query_format = embedder.resolve_query_format(query_format, prompt)
         self.dim, self.normalize, self.batch_tokens = dim, normalize, batch_tokens
-        self.cache = cache or EmbeddingCache(cache_dir, cache_key(embedder, self.query_format), persist=persist)
+        if cache is None:
+            cache = EmbeddingCache(cache_dir, cache_key(embedder, self.query_format), persist=persist)
+        self.cache = cache
         self.stats = CacheStats()
 
     def __call__(self, texts: list[str]) -> np.ndarray:
@@ -134,6 +136,25 @@ class CachedEncoder:
         self.stats.hits += hits
         self.stats.encoded += len(chunk.missing)
         return truncate_and_normalize(out, self.dim, self.normalize)
+
+
+class NoCache:
+    """A cache that holds nothing (`CachedEncoder(..., cache=NoCache())`): for a verb whose output is the
+    vectors themselves (`qembed embed`), so memory stays bounded and nothing is stored twice."""
+
+    persist = False
+
+    def __len__(self) -> int:
+        return 0
+
+    def find(self, keys) -> np.ndarray:
+        return np.full(len(keys), -1, dtype=np.int64)
+
+    def add(self, keys, vectors) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 def _chunks(iterator: Iterator[str], size: int) -> Iterator[list[str]]:
