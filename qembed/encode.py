@@ -112,6 +112,15 @@ class CachedEncoder:
 
     def _encode(self, chunk: _Prepared, bar) -> np.ndarray:
         """(main thread) cached rows read back, the rest encoded batch by batch and cached as they come."""
+        if len(chunk.missing):  # cached since the lookup ran ahead (a text repeated in the chunk before)
+            late = self.cache.find(chunk.keys[chunk.missing])
+            if (late >= 0).any():
+                chunk.locations[chunk.locations < 0] = late[chunk.owner]
+                keep = late < 0
+                still = keep[chunk.owner]
+                chunk.owner = (np.cumsum(keep) - 1)[chunk.owner[still]]
+                chunk.missing = chunk.missing[keep]
+                chunk.token_ids = [ids for ids, kept in zip(chunk.token_ids, keep.tolist()) if kept]
         hit = chunk.locations >= 0
         hits = int(hit.sum())
         out = None
