@@ -136,7 +136,7 @@ def mine_hard_negatives(
     (records already written are skipped) unless `overwrite`. `device`, `dtype` and `batch_tokens` (padded
     tokens per batch; None: each model's measured default) are passed to the embedder and the reranker.
     """
-    from qembed.eval.cache import CachedEncoder
+    from qembed.encode import CachedEncoder
     from qembed.index import open_index
     from qembed.models.embedder import Embedder
 

@@ -28,6 +28,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dim", type=int, help="Matryoshka dimension, first N components re-normalised (default: full)")
     p.add_argument("--collection", help="Milvus collection name (default: a new unique name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Milvus collection of that name")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="embedding cache (default: $QEMBED_CACHE or ~/.cache/qembed/embeddings)")  # fmt: skip
     add_milvus_token_arg(p)
     add_quantize_arg(p)
     add_progress_args(p)
@@ -91,7 +93,7 @@ def run_build(args) -> int:
         raise QembedError(str(exc)) from None
     result = build_index(embedder, args.corpus, args.output, index=args.index, dim=args.dim,
                          batch_tokens=args.batch_tokens, collection=args.collection, overwrite=args.overwrite,
-                         token=milvus_token(args))  # fmt: skip
+                         token=milvus_token(args), cache_dir=args.cache_dir, corpus_checked=True)  # fmt: skip
     m = result.manifest
     where = f" (Milvus collection {m.collection})" if m.collection else ""
     recall = f", recall@10 {m.recall_at_10:.3f} of exact" if m.recall_at_10 is not None else ""

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, ValuesView
 from pathlib import Path
 from typing import NamedTuple
 
-from qembed.data.jsonl import UniqueIds, iter_lines, iter_numbered_jsonl, parse_jsonl_line
+from qembed.data.jsonl import UniqueIds, check_unique_ids, iter_lines, iter_numbered_jsonl, parse_jsonl_line
 from qembed.data.text import join_title
 from qembed.errors import QembedError
 
@@ -36,12 +36,14 @@ class Document(NamedTuple):
     text: str
 
 
-def iter_corpus(path: str | Path, *, text_field: str = "text", keep_blank: bool = False) -> Iterator[Document]:
+def iter_corpus(path: str | Path, *, text_field: str = "text", keep_blank: bool = False,
+                check_ids: bool = True) -> Iterator[Document]:
     """Stream the documents of a corpus file or BEIR folder in file order, one line at a time.
 
     Blank documents are skipped (with a logged count) unless `keep_blank`; bad records raise `QembedError`
-    naming the file and line."""
-    for _, doc in _iter_with_offsets(corpus_path(path), text_field, keep_blank):
+    naming the file and line. `check_ids=False` skips the repeated-id check (it holds every id in a set):
+    for callers that ran `check_corpus` first and stream a corpus of any size."""
+    for _, doc in _iter_with_offsets(corpus_path(path), text_field, keep_blank, check_ids):
         yield doc
 
 
@@ -63,9 +65,14 @@ def read_corpus(path: str | Path, *, text_field: str = "text", limit: int | None
 def check_corpus(path: str | Path, *, text_field: str = "text") -> int:
     """Read a corpus once without keeping its texts, raising `QembedError` (`file:line`) on anything a later
     read would refuse: a bad record, invalid text, a repeated id, an empty corpus. Returns the number of
-    documents (blank ones included). For verbs that stream a corpus into long work (`index build`)."""
+    documents (blank ones included). For verbs that stream a corpus into long work (`index build`); memory:
+    8 bytes per document (`check_unique_ids`)."""
     path = corpus_path(path)
-    count = sum(1 for _ in _iter_with_offsets(path, text_field, True))
+    numbered = ((number, doc.doc_id) for number, doc in _iter_with_offsets(path, text_field, True, False))
+    if path.suffix == ".jsonl":
+        count = check_unique_ids(path, "document id", numbered, lambda: iter_ids(path))
+    else:  # .txt: ids are line numbers
+        count = sum(1 for _ in numbered)
     _check(path, count)
     return count
 
@@ -170,11 +177,13 @@ def iter_ids(path: str | Path) -> Iterator[tuple[int, str]]:
         yield number, record_id(record, Path(path), number) or str(number)
 
 
-def _iter_with_offsets(path: Path, text_field: str, keep_blank: bool) -> Iterator[tuple[int, Document]]:
+def _iter_with_offsets(path: Path, text_field: str, keep_blank: bool,
+                       check_ids: bool = True) -> Iterator[tuple[int, Document]]:
     if not path.is_file():
         raise QembedError(f"corpus file not found: {path}")
     jsonl = path.suffix == ".jsonl"
-    ids = UniqueIds(path, "document id", lambda: iter_ids(path)) if jsonl else None  # .txt: ids are line numbers
+    checked = jsonl and check_ids  # .txt: ids are line numbers
+    ids = UniqueIds(path, "document id", lambda: iter_ids(path)) if checked else None
     blank = 0
     for number, offset, raw in iter_lines(path):
         if jsonl and not raw.strip():
@@ -202,7 +211,13 @@ def _parse(raw: bytes, path: Path, number: int, text_field: str, jsonl: bool) ->
         raise QembedError(f"{path}:{number}: no field {text_field!r} holding a string (fields: {sorted(record)})")
     if title is not None and not isinstance(title, str):
         raise QembedError(f"{path}:{number}: 'title' must be a string")
-    return Document(record_id(record, path, number) or str(number), join_title(title, text))
+    doc = Document(record_id(record, path, number) or str(number), join_title(title, text))
+    try:
+        doc.text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a JSON escape of half a UTF-16 pair: no model can read it
+        raise QembedError(f"{path}:{number}: the text is not valid Unicode (a lone surrogate "
+                          f"U+{ord(doc.text[exc.start]):04X} at character {exc.start})") from None
+    return doc
 
 
 def _check(path: Path, count: int) -> None:

@@ -142,6 +142,30 @@ class UniqueIds:
         return len(self._seen)
 
 
+def check_unique_ids(path: str | Path, what: str, numbered_ids: Iterable[tuple[int, str]],
+                     reread: Callable[[], Iterable[tuple[int, str]]]) -> int:
+    """`UniqueIds`' rule in bounded memory, for files too large to hold their ids: 8 bytes per id (a hash in
+    a numpy array, sorted once at the end); only when two hashes are equal is the file read again, with the
+    suspects' ids in a set, to name both lines. Returns how many ids were read."""
+    import hashlib
+
+    import numpy as np
+
+    hashes = np.fromiter((int.from_bytes(hashlib.blake2b(item_id.encode("utf-8", "surrogatepass"),
+                                                           digest_size=8).digest(), "little", signed=True)
+                          for _, item_id in numbered_ids), dtype=np.int64)  # fmt: skip
+    hashes.sort()
+    same = hashes[1:][hashes[1:] == hashes[:-1]]
+    if len(same):
+        suspects = set(same.tolist())
+        ids = UniqueIds(path, what, reread)
+        for number, item_id in reread():
+            digest = hashlib.blake2b(item_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+            if int.from_bytes(digest, "little", signed=True) in suspects:
+                ids.add(item_id, number)
+    return len(hashes)
+
+
 def read_jsonl(path: str | Path, **kwargs: Any) -> list[dict[str, Any]]:
     return list(iter_jsonl(path, **kwargs))
 

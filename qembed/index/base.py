@@ -84,9 +84,9 @@ class IdList(Sequence[str]):
     """Document ids as one UTF-8 buffer plus an int64 end offset per id: 8 bytes + the id's bytes each,
     no Python object per id. Appends are amortised O(1); `save`/`load` write two flat files."""
 
-    def __init__(self, ids: Iterable[str] = ()) -> None:
+    def __init__(self, ids: Iterable[str] = (), *, capacity: int = 1024) -> None:
         self._blob: bytearray | np.ndarray = bytearray()
-        self._ends = np.zeros(1024, dtype=np.int64)
+        self._ends = np.zeros(max(int(capacity), 1), dtype=np.int64)  # `capacity` ids fit without regrowth
         self._count = 0
         self.extend(ids)
 
@@ -123,8 +123,8 @@ class IdList(Sequence[str]):
     def save(self, path: str | Path) -> None:
         """Write `ids.bin` (the ids' UTF-8 bytes, back to back) and `ids.ends.npy` in the folder `path`."""
         path = Path(path)
-        (path / "ids.bin").write_bytes(
-            bytes(self._blob[: int(self._ends[self._count - 1]) if self._count else 0])
+        (path / "ids.bin").write_bytes(  # a view, not a copy
+            memoryview(self._blob)[: int(self._ends[self._count - 1]) if self._count else 0]
         )
         np.save(path / "ids.ends.npy", self._ends[: self._count])
 

@@ -38,7 +38,7 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
     """The stages of an adapt run for the resolved configuration `cfg`."""
     out = Path(cfg["output"])
     beir = out / "data" / "beir"
-    cache = cfg["eval"]["cache_dir"] or str(out / "cache")
+    cache = cfg["eval"]["cache_dir"]  # None: the shared cache, so `index build` with best/ encodes nothing new
     data, ev = cfg["data"], cfg["eval"]
     modes = [MODES[m] for m in ev["instruction_modes"]]
     base = cfg["model"]

@@ -111,7 +111,7 @@ SPEC: dict[str, Any] = {
         "instruction_modes": (["default", "none"], "query instruction settings compared (model default, none)"),
         "index": ("faiss", "vector index for evaluation and mining (faiss, hnsw, milvus:PATH)"),
         "retention_dataset": (None, "general-domain BEIR folder: what the domain gain costs elsewhere"),
-        "cache_dir": (None, "embedding cache (default: OUTPUT/cache)"),
+        "cache_dir": (None, "embedding cache (default: the shared one, $QEMBED_CACHE or ~/.cache/qembed/embeddings)"),
     },
 }
 
