@@ -5,7 +5,7 @@ TORCH = $(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 # `make demo` installs once: again only when pyproject.toml changes or this Python cannot import qembed.
 STAMP = .make/install.stamp
 
-.PHONY: install install-test demo test test-min-versions lint bench
+.PHONY: install install-test demo test test-min-versions lint bench docs
 
 install:
 	$(TORCH)
@@ -22,7 +22,7 @@ CHROMIUM = command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update && $(
 install-test:
 	$(TORCH)
 	$(CHROMIUM)
-	$(PIP) install -e ".[test,demo,milvus,serve,cpu-fast,review]"
+	$(PIP) install -e ".[test,demo,milvus,serve,cpu-fast,review,docs]"
 	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
 
 demo: $(STAMP)
@@ -31,6 +31,7 @@ demo: $(STAMP)
 
 test: install-test
 	$(PYTHON) -m ruff check qembed tests bench
+	$(MAKE) docs
 	$(PYTHON) -m pytest -q
 	$(MAKE) test-min-versions
 
@@ -51,3 +52,8 @@ test-min-versions:
 
 lint:
 	$(PYTHON) -m ruff check qembed tests bench
+
+# The documentation site (mkdocs.yml): strict, so a broken link or anchor, a page missing from nav or a docstring
+# mkdocstrings cannot render fails the build. `mkdocs serve` to read it while editing.
+docs:
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --site-dir site

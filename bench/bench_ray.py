@@ -60,7 +60,7 @@ def run_single(model: str, texts: list[str], threads: int) -> tuple[float, dict[
     import torch
 
     from qembed import Embedder
-    from qembed.eval.cache import text_key
+    from qembed.cache import text_key
 
     torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -58,3 +58,19 @@ def matmul_peak_flops(size: int = 4096, repeats: int = 5) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
     return 2 * size**3 / best_of(lambda: torch.mm(a, b), repeats)
+
+
+def cpu_flags_line() -> str:
+    """The CPU model and which of avx2 / avx512f / avx512_vnni / avx_vnni / avx512_bf16 / amx it reports."""
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    return f"cpu: {model}; flags: " + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)

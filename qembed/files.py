@@ -98,6 +98,13 @@ def claim_output_dir(folder: str | Path, verb: str, *, flag: str = "--output",
     `also_ours` (files by which earlier qembed versions recognised their own output, e.g. `state.json`).
     A folder that holds anything else is the user's: `QembedError` naming `flag`. The marker is written.
     """
+    check_output_dir(folder, verb, flag=flag, also_ours=also_ours)
+    return mark_owned(folder, verb)
+
+
+def check_output_dir(folder: str | Path, verb: str, *, flag: str = "--output",
+                     also_ours: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """The refusals of `claim_output_dir`, writing nothing (for a dry run)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise QembedError(f"{flag} {folder} is a file, not a folder")
@@ -105,7 +112,6 @@ def claim_output_dir(folder: str | Path, verb: str, *, flag: str = "--output",
         if any(folder.iterdir()):
             raise QembedError(f"{flag} {folder} is not empty and is not the output of an earlier `qembed {verb}`: "
                               "choose a new or empty folder (qembed never overwrites files it did not write)")
-    return mark_owned(folder, verb)
 
 
 def remove_owned_dir(folder: str | Path, verb: str | None = None) -> bool:

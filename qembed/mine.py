@@ -10,8 +10,10 @@ Selection rules: `qembed.negatives`.
 Output: one line per input record, in input order, with `neg`, `neg_ids`, `neg_scores` (query-negative
 scores) and `pos_scores` (query-positive scores) set; existing `neg` values are replaced, except negatives
 an LLM wrote (`qembed.data.pairs.llm_negatives`), which stay in front of the mined ones (id and score null).
-A run that stops resumes after the last complete line. A summary is printed and written next to the output
-(`<output stem>.summary.json`).
+A run that stops resumes after the last complete line. A summary of the whole output (also the lines an
+earlier, interrupted run wrote) is printed and written next to the output (`<output stem>.summary.json`); the
+rule counts behind it are kept per chunk in `.<output name>.stats.jsonl` beside it, so a resumed run can add
+them up.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from qembed.data.corpus import CorpusFile, open_corpus
-from qembed.data.jsonl import JsonlAppender, iter_jsonl
+from qembed.data.jsonl import JsonlAppender, iter_jsonl, write_jsonl
 from qembed.data.pairs import PairRecord, llm_negatives, read_pairs
 from qembed.errors import QembedError
 from qembed.models.prompts import MODEL_DEFAULT, QueryFormat
@@ -134,7 +136,7 @@ def mine_hard_negatives(
     (records already written are skipped) unless `overwrite`. `device`, `dtype` and `batch_tokens` (padded
     tokens per batch; None: each model's measured default) are passed to the embedder and the reranker.
     """
-    from qembed.eval.cache import CachedEncoder
+    from qembed.encode import CachedEncoder
     from qembed.index import open_index
     from qembed.models.embedder import Embedder
 
@@ -222,8 +224,9 @@ def mine_hard_negatives(
             return [[next(scores) <= reranker_max_score for _ in cands] for _, cands in batch]
 
     stats = MiningStats()
+    counted = resume_stats(output, done, stats)  # the lines already written, and their rule counts
     t0 = time.perf_counter()
-    with JsonlAppender(output, fsync=False) as out, store:  # closing the index drops a temporary collection
+    with JsonlAppender(output, fsync=False) as out, JsonlAppender(stats_path(output), fsync=False) as counts, store:
         for chunk, selected in mine_chunks(store, chunks(), config, stats, row_hashes=row_hashes, guard=guard,
                                            total=len(todo), show_progress=show_progress):  # fmt: skip
             for i, negatives in enumerate(selected):
@@ -235,10 +238,16 @@ def mine_hard_negatives(
                 if written:
                     record["meta"] = {**record["meta"], "neg_source": "llm+mined", "llm_negatives": len(written)}
                 out.write(record)
+            counted += len(selected)
+            counts.write({"through": chunk.start + len(selected), "counted": counted,
+                          "candidates": stats.candidates, "removed": dict(stats.removed)})  # fmt: skip
     summary = stats.summary(config)
+    if counted < summary["queries"]:  # a kill between a chunk's lines and its counts: say what they cover
+        summary["rule_counts_cover_queries"] = counted
     summary.update({
         "input": str(input), "output": str(output), "model": emb.name_or_path, "index": index,
         "corpus_size": len(doc_ids), "records": len(records), "skipped_already_written": done,
+        "queries_this_run": len(todo),
         "queries_with_positive_not_in_corpus": missing_positive,
         "reranker": getattr(reranker, "name_or_path", None),
         "timings": {"corpus_encode_index_s": round(corpus_s, 3), "mining_s": round(time.perf_counter() - t0, 3),
@@ -276,18 +285,52 @@ def resume_point(output: Path, records: list[PairRecord], overwrite: bool) -> in
     return written
 
 
+def stats_path(output: Path) -> Path:
+    """The file beside `output` holding the rule counts after each chunk (cumulative; `through`: output lines)."""
+    return output.with_name(f".{output.name}.stats.jsonl")
+
+
+def resume_stats(output: Path, done: int, stats: MiningStats) -> int:
+    """Add the first `done` lines of `output` (written by an earlier run) to `stats`, with the rule counts its
+    stats file holds for them; returns how many queries those counts cover (`done`, or fewer when a run was
+    killed between writing a chunk's lines and its counts). Cuts the stats file back to `done` lines."""
+    path = stats_path(output)
+    if done == 0:
+        path.unlink(missing_ok=True)
+        return 0
+    for number, record in enumerate(iter_jsonl(output, allow_truncated_tail=True), start=1):
+        if number > done:
+            break
+        mined = [s for s in record.get("neg_scores") or [] if s is not None]  # LLM-written negatives have none
+        stats.queries += 1
+        stats.per_query[len(mined)] += 1
+        stats.neg_scores.extend(float(s) for s in mined)
+        if record.get("pos_scores"):
+            stats.pos_scores.append(max(float(s) for s in record["pos_scores"]))
+    kept = [c for c in iter_jsonl(path, allow_truncated_tail=True) if c.get("through", 0) <= done] if path.is_file() else []
+    write_jsonl(path, kept)
+    if not kept:
+        return 0
+    stats.candidates = int(kept[-1]["candidates"])
+    stats.removed.update(kept[-1]["removed"])
+    return int(kept[-1]["counted"])
+
+
 def summary_lines(summary: dict) -> list[str]:
     """The summary as a few readable lines."""
     cfg = summary["config"]
     hist = ", ".join(f"{n}: {c}" for n, c in summary["negatives_per_query"].items())
     removed = ", ".join(f"{rule} {count}" for rule, count in summary["removed"].items())
+    done = summary.get("skipped_already_written", 0)
+    resumed = f" (resumed: {done} already written, {summary.get('queries_this_run', '?')} in this run)" if done else ""
     lines = [
-        f"queries mined: {summary['queries']} (skipped, already written: {summary.get('skipped_already_written', 0)})"
-        f"; corpus: {summary.get('corpus_size', '?')} documents",
+        f"queries mined: {summary['queries']}{resumed}; corpus: {summary.get('corpus_size', '?')} documents",
         f"negatives: {summary['negatives']}; per query {{{hist}}}; "
         f"fewer than {cfg['num_negatives']}: {summary['queries_with_fewer_negatives']}",
         f"candidates in ranks [{cfg['range_min']}, {cfg['range_max']}): {summary['candidates_in_window']}; "
-        f"removed: {removed}",
+        f"removed: {removed}"
+        + (f" (counted for {summary['rule_counts_cover_queries']} of the queries)"
+           if "rule_counts_cover_queries" in summary else ""),
     ]
     if "queries_with_positive_not_in_corpus" in summary:
         lines.append(

@@ -29,7 +29,7 @@ from qembed.errors import QembedError
 log = logging.getLogger(__name__)
 
 EXTRA_HINT = "pip install 'qembed[ray]'"
-KEY_BYTES = 20  # sha1 of the text (`qembed.eval.cache.text_key`)
+KEY_BYTES = 20  # sha1 of the text (`qembed.cache.text_key`)
 _READ_CPUS = 0.1  # Ray CPUs of a read task: reading lines is cheap, the actors get the rest
 
 
@@ -144,7 +144,7 @@ class _EncodeActor:
         import ray
         import torch
 
-        from qembed.eval.cache import cache_key
+        from qembed.cache import cache_key
         from qembed.models.embedder import Embedder
 
         if spec.device_type == "cpu":
@@ -179,7 +179,7 @@ class _EncodeActor:
         return ids, texts
 
     def __call__(self, batch: dict) -> dict:
-        from qembed.eval.cache import text_key
+        from qembed.cache import text_key
 
         ids, texts = self._documents(batch)
         keys = np.frombuffer(b"".join(text_key(t) for t in texts), dtype=f"S{KEY_BYTES}")
@@ -249,7 +249,7 @@ def encode_corpus(embedder, corpus: str | Path | Sequence[str], *, query_format=
     `corpus`: a `.jsonl`/`.txt` file or a BEIR folder (read as Ray Data blocks by the workers: the path
     must be reachable from every node), or a list of texts (ids are their positions). `query_format`/
     `prompt` as in `Embedder.encode`; `skip`: sorted `S20` text keys to leave out (already cached)."""
-    from qembed.eval.cache import cache_key
+    from qembed.cache import cache_key
     from qembed.progress import progress_bar
 
     ray = require_ray()
@@ -320,8 +320,7 @@ def _user_error(exc: BaseException) -> BaseException:
 
 def cached_keys(cache) -> np.ndarray:
     """The text keys an `EmbeddingCache` holds, as a sorted `S20` array."""
-    keys = np.frombuffer(b"".join(cache._where), dtype=f"S{KEY_BYTES}")  # noqa: SLF001 (the cache's index)
-    return np.sort(keys)
+    return cache.all_keys()
 
 
 def fill_cache(encoder, corpus: str | Path | Sequence[str], options: RayOptions | None = None, *,

@@ -23,6 +23,14 @@ def openvino_cache(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def embedding_cache(tmp_path_factory) -> Path:
+    """The default embedding cache (`$QEMBED_CACHE`) is a session folder: tests never write ~/.cache."""
+    folder = tmp_path_factory.mktemp("embedding-cache")
+    os.environ["QEMBED_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     assert SHARED.is_dir(), f"../shared not found at {SHARED}"

@@ -152,6 +152,14 @@ def default_reply(body: dict, attempt: int) -> Reply:
         sentence = re.search(r"<sentence>\n(.*)\n</sentence>", prompt, re.DOTALL).group(1)
         return Reply(content=_ok_json({"paraphrase": "Put differently, " + sentence.lower()}))
 
+    if "task instructions for a text embedding model" in prompt:  # instruction search
+        count = int(re.search(r"Write (\d+) different one-sentence task instructions", prompt).group(1))
+        # a careful reader: instructions the example passages themselves carry in the Qwen3 template come first
+        seen = list(dict.fromkeys(re.findall(r"Instruct: ([^\n]+)\nQuery:", prompt)))
+        written = [*seen, "Given a farmer's question, retrieve advice that answers it",
+                   "Given a question about crops, retrieve passages with the answer"]  # fmt: skip
+        return Reply(content=_ok_json({"instructions": written[:count]}))
+
     if "Translate the" in prompt:
         target = re.search(r"text below into ([A-Za-z ()]+?)\.", prompt).group(1)
         text = "这是一段忠实的译文。" if "Chinese" in target else "This is a faithful translation of the text."

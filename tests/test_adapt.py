@@ -114,24 +114,26 @@ def test_best_has_a_model_card_with_the_summary_figures(full_run, minilm_path):
 
 
 def test_merged_weights_lie_between_base_and_fine_tuned(full_run, minilm_path):
+    """The chosen merge (the only candidate kept) lies between base and fine-tuned as its t says; t = 1 is the
+    fine-tuned model itself (train/model, no copy)."""
     import torch
     from safetensors.torch import load_file
 
     out, _ = full_run
-    tuned = load_file(str(out / "merge" / "t1.0" / "model.safetensors"))
-    half = load_file(str(out / "merge" / "t0.5" / "model.safetensors"))
+    best_t = json.loads((out / "merge" / "curve.json").read_text())["best_t"]
     trained = load_file(str(out / "train" / "model" / "model.safetensors"))
+    merged = trained if best_t == 1.0 else load_file(str(out / "merge" / f"t{best_t}" / "model.safetensors"))
     base = load_file(str(minilm_path / "model.safetensors"))
-    names = [n for n in tuned if tuned[n].is_floating_point()]
-    assert names and all(torch.equal(tuned[n], trained[n]) for n in names)  # t = 1 is the fine-tuned model
+    names = [n for n in trained if trained[n].is_floating_point()]
 
     def flat(state):
         return torch.cat([state[n].double().flatten() for n in names])
 
-    b, f, m = flat(base), flat(tuned), flat(half)
+    b, f, m = flat(base), flat(trained), flat(merged)
     span = (f - b).norm()
     assert span > 0
-    assert 0.3 * span < (m - b).norm() < 0.7 * span and 0.3 * span < (m - f).norm() < 0.7 * span
+    assert (best_t - 0.2) * span < (m - b).norm() <= (best_t + 0.2) * span
+    assert (0.8 - best_t) * span <= (m - f).norm() < (1.2 - best_t) * span
 
 
 def test_changing_a_training_option_reruns_train_merge_final_report_only(full_run, slice_args, tmp_path):
@@ -176,11 +178,20 @@ def test_resume_after_sigkill_during_training(full_run, slice_args, tmp_path):
     finished = {p: p.stat().st_mtime_ns for p in [out / "data/beir/qrels/test.tsv", out / "baseline/dev/metrics.json",
                                                   out / "negatives/mined.jsonl"]}  # fmt: skip
 
-    again = adapt(*slice_args, "--output", str(out))
+    # options that do not change the trained weights resume; one that does reruns (17.6)
+    run_only = ["--set", "train.device=cpu", "--set", "train.precision=fp32", "--set", "train.save_steps=4",
+                "--set", "train.evaluations=2"]  # fmt: skip
+    dry = adapt(*slice_args, "--output", str(out), *run_only, "--dry-run").stdout
+    assert re.search(r"train +will resume \(interrupted\)\n", dry), dry
+    dry = adapt(*slice_args, "--output", str(out), *run_only, "--set", "train.lr=3e-5", "--dry-run").stdout
+    assert re.search(r"train +will rerun \(changed: train\.lr 0\.0001 -> 3e-05\)", dry), dry
+    assert checkpoint.exists()
+
+    again = adapt(*slice_args, "--output", str(out), *run_only[:6])
     plan = again.stdout.split("== ", 1)[0]
     for stage in ("data", "baseline", "negatives"):
         assert re.search(rf"{stage} +done", plan), plan
-    assert re.search(r"train +will resume \(interrupted\)", plan), plan
+    assert re.search(r"train +will resume \(interrupted\)\n", plan), plan
     assert "== data ==" not in again.stdout and "== negatives ==" not in again.stdout
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
     assert re.search(r"resuming from .*step-\d+ \(step [3-9]", again.stderr), again.stderr[-2000:]
@@ -315,3 +326,187 @@ def test_existing_beir_dataset_with_lora(shared_dir, tiny_embedder_path, tmp_pat
     assert json.loads((out / "train" / "model" / "train_config.json").read_text())["lora"] is True
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["source"] == "dataset" and (out / "best" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ files, splits, resume, inputs (issues 17, 21)
+def _state(out: Path) -> dict:
+    try:
+        return json.loads((out / "state.json").read_text())
+    except (OSError, ValueError):  # not written yet, or read while being replaced
+        return {}
+
+
+@pytest.mark.parametrize("case", ["user files", "user files and --dry-run", "qembed run with a user's stage folder"])
+def test_output_holding_user_files_is_refused_and_left_alone(case, slice_args, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "notes.txt").write_text("my notes")
+    (out / "train").mkdir()
+    (out / "notes.txt").write_text("keep me")
+    if case.startswith("qembed run"):
+        (out / "state.json").write_text("{}")  # a qembed run folder, but data/ and train/ are the user's
+    before = sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*"))
+    args = ["adapt", *slice_args, "--output", str(out), *(["--dry-run"] if "dry-run" in case else [])]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("qembed adapt: error: "), err
+    expected = f"{out / 'data'} exists but qembed did not create it" if case.startswith("qembed run") else \
+        f"--output {out} is not empty and is not the output of an earlier `qembed adapt`"  # fmt: skip
+    assert expected in err, err
+    assert sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("flag", ["--compare-model", "--reranker", "--model"])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_missing_model_fails_before_any_stage_naming_its_flag(flag, dry_run, slice_args, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-model")
+    args = [*slice_args, "--output", str(tmp_path / "out"), flag, missing, *(["--dry-run"] if dry_run else [])]
+    assert main(["adapt", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"qembed adapt: error: {flag} {missing}: model folder not found"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_is_required_in_the_help_of_adapt_and_eval(capsys):
+    for verb in ("adapt", "eval"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        usage = capsys.readouterr().out.split("\n\n", 1)[0]
+        assert re.search(r" --model M[ ,]", usage) and "[--model" not in usage, usage  # required: no brackets
+
+
+def test_qa_to_beir_gives_adapts_split_and_eval_warns_on_a_leaked_split(full_run, slice_args, tmp_path):
+    from qembed.data.beir import read_qrels, read_queries
+
+    out, _ = full_run
+    qa = slice_args[slice_args.index("--qa") + 1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    folders = {}
+    for seed in (0, 1):
+        folders[seed] = tmp_path / f"beir-seed{seed}"
+        subprocess.run([sys.executable, "-m", "qembed", "data", "qa-to-beir", "--input", qa, "--question-field",
+                        "instruction", "--answer-field", "output", "--seed", str(seed), "--output", str(folders[seed])],
+                       env=env, check=True, capture_output=True)  # fmt: skip
+    adapt_beir = out / "data" / "beir"
+    texts = read_queries(adapt_beir / "queries.jsonl")
+    assert read_queries(folders[0] / "queries.jsonl") == texts
+    for split in ("train", "dev", "test"):  # the same file, fields and seed: the same split in both verbs
+        assert read_qrels(folders[0] / "qrels" / f"{split}.tsv") == read_qrels(adapt_beir / "qrels" / f"{split}.tsv")
+    assert read_qrels(folders[1] / "qrels" / "test.tsv") != read_qrels(adapt_beir / "qrels" / "test.tsv")
+
+    def evaluate_best(folder):
+        return subprocess.run([sys.executable, "-m", "qembed", "eval", "--model", str(out / "best"), "--dataset",
+                               str(folder), "--output", str(folder.with_name(folder.name + "-eval")), "--no-progress"],
+                              env=env, capture_output=True, text=True, check=True)  # fmt: skip
+
+    honest = evaluate_best(folders[0])  # adapt's own test split: no warning
+    assert "WARNING" not in honest.stderr + honest.stdout
+    leaked = evaluate_best(folders[1])  # another seed: its test split holds many of best/'s training queries
+    train_texts = {texts[q] for q in read_qrels(adapt_beir / "qrels" / "train.tsv")}
+    test_texts = [texts[q] for q in read_qrels(folders[1] / "qrels" / "test.tsv")]
+    overlap = sum(t in train_texts for t in test_texts)
+    assert overlap > 0
+    line = f"WARNING: {overlap} of the {len(test_texts)} test queries of {folders[1]} are queries {out / 'best'} was trained on"
+    assert line in leaked.stderr and line in leaked.stdout.splitlines()[-2 if "chosen on" in leaked.stdout else -1]
+
+
+def test_footprint_and_console_dev_metrics(full_run):
+    out, stdout = full_run
+    assert re.search(r"step \d+: dev ndcg@10 \d+\.\d\d, recall@1 ", stdout), stdout  # dev metrics on the console
+    assert not (out / "train" / "model" / "checkpoints").exists()  # removed once training is done
+    best_t = json.loads((out / "merge" / "curve.json").read_text())["best_t"]
+    kept = sorted(p.name for p in (out / "merge").iterdir() if p.is_dir())
+    assert kept == ([] if best_t == 1.0 else [f"t{best_t}"])  # only the chosen merge (t = 1 is train/model)
+    assert json.loads((out / "best" / "training_queries.json").read_text())["train"]
+
+
+def _squad_file(path: Path) -> list[tuple[str, list[str]]]:
+    """A SQuAD-style file (CMRC2018 / DRCD shape) in Chinese and English: (paragraph, its questions)."""
+    crops = [("水稻", "rice"), ("玉米", "maize"), ("小麦", "wheat"), ("大豆", "soybean"), ("棉花", "cotton"),
+             ("油菜", "rapeseed"), ("花生", "peanut"), ("高粱", "sorghum"), ("谷子", "millet"), ("甘薯", "sweet potato")]
+    paragraphs = []
+    for i, (zh, en) in enumerate(crops):
+        paragraphs.append((f"{zh}第{i}号品种在{i + 3}月播种，每亩施氮肥{10 + i}公斤，抗{zh}病能力强。",
+                           [f"{zh}第{i}号品种什么时候播种？", f"{zh}第{i}号品种每亩施多少氮肥？"]))  # fmt: skip
+        paragraphs.append((f"The {en} variety {i} is sown in month {i + 3} and needs {10 + i} kg of nitrogen per mu.",
+                           [f"When is the {en} variety {i} sown?", f"How much nitrogen does {en} variety {i} need?"]))
+    data = {"version": "v1.0", "data": [
+        {"title": f"article {a}", "paragraphs": [
+            {"id": f"p{a}-{j}", "context": context,
+             "qas": [{"id": f"q{a}-{j}-{k}", "question": q, "answers": [{"text": context[:4], "answer_start": 0}]}
+                     for k, q in enumerate(questions)]}
+            for j, (context, questions) in enumerate(paragraphs[a::4])]}
+        for a in range(4)]}  # fmt: skip
+    data["data"][0]["paragraphs"][0]["qas"].append({"id": "x", "question": "unanswerable?", "is_impossible": True})
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return paragraphs
+
+
+def test_squad_json_through_qa_to_beir_and_adapt(tiny_embedder_path, tmp_path):
+    from qembed.data.beir import read_qrels, read_queries
+    from qembed.data.corpus import read_corpus
+
+    squad = tmp_path / "cmrc-like.json"
+    paragraphs = _squad_file(squad)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    beir = tmp_path / "beir"
+    proc = subprocess.run([sys.executable, "-m", "qembed", "data", "qa-to-beir", "--input", str(squad), "--output",
+                           str(beir)], env=env, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    corpus = read_corpus(beir)
+    queries = read_queries(beir / "queries.jsonl")
+    assert sorted(corpus.values()) == sorted(p for p, _ in paragraphs)  # paragraphs -> corpus
+    assert sorted(queries.values()) == sorted(q for _, qs in paragraphs for q in qs)  # questions -> queries
+    judged = {q: j for split in ("train", "dev", "test") for q, j in read_qrels(beir / "qrels" / f"{split}.tsv").items()}
+    context_of = {q: p for p, qs in paragraphs for q in qs}
+    assert {queries[q]: [corpus[d] for d in j] for q, j in judged.items()} == {q: [p] for q, p in context_of.items()}
+
+    out = tmp_path / "run"  # adapt --qa with the same file: the same split, then every stage on a tiny model
+    adapt("--model", str(tiny_embedder_path), "--output", str(out), "--qa", str(squad), "--keep-checkpoints",
+          "--set", "train.batch_size=4", "--set", "train.max_length=48", "--set", "train.evaluations=0",
+          "--set", "train.save_steps=2", "--set", "merge.t=[1.0]", "--set", "eval.instruction_modes=[none]")  # fmt: skip
+    for split in ("train", "dev", "test"):
+        assert read_qrels(out / "data" / "beir" / "qrels" / f"{split}.tsv") == read_qrels(beir / "qrels" / f"{split}.tsv")
+    assert list((out / "train" / "model" / "checkpoints").glob("step-*"))  # --keep-checkpoints
+
+
+def test_time_checkpoint_resumes_a_kill_before_the_first_step_checkpoint(shared_dir, tiny_embedder_path, tmp_path):
+    """save_steps beyond the run: only the time-based checkpoint (every step here, 10 minutes by default) exists
+    when the run is killed; the plan says what resuming will do, and the report counts every attempt's time."""
+    rows = json.loads((shared_dir / "data" / "agri-zh" / "corn_dqa_zh.json").read_text(encoding="utf-8"))[:100]
+    (tmp_path / "qa.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_embedder_path), "--output", str(out), "--qa", str(tmp_path / "qa.json"),
+            "--question-field", "instruction", "--answer-field", "output", "--set", "train.batch_size=8",
+            "--set", "train.max_length=48", "--set", "train.epochs=3", "--set", "train.evaluations=0",
+            "--set", "merge.t=[1.0]", "--set", "eval.instruction_modes=[none]", "--set", "train.save_steps=1000"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    checkpoints = out / "train" / "model" / "checkpoints"
+
+    def run_until(ready, *extra):
+        proc = subprocess.Popen([sys.executable, "-m", "qembed", "adapt", *args, "--no-progress", *extra],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 500
+        while not ready() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert ready() and not (out / "merge").exists(), "the run was not killed during training"
+
+    # 1. killed in training with no checkpoint at all (time-based ones off): the plan says training restarts
+    run_until(lambda: _state(out).get("train", {}).get("seconds", 0) > 0, "--set", "train.save_minutes=0")
+    assert not list(checkpoints.glob("step-*"))
+    dry = adapt(*args, "--dry-run").stdout
+    assert re.search(r"train +will resume \(interrupted; no checkpoint yet: training restarts\)", dry), dry
+
+    # 2. killed again once a time-based checkpoint exists (long before step 1000)
+    run_until(lambda: bool(list(checkpoints.glob("step-*"))), "--set", "train.save_minutes=0.0001")
+    killed_at = _state(out)["train"]["seconds"]
+    assert killed_at > 0  # the killed attempts' time is on disk
+    dry = adapt(*args, "--dry-run").stdout
+    assert re.search(r"train +will resume \(interrupted\)\n", dry), dry
+
+    again = adapt(*args)
+    assert re.search(r"resuming from .*step-\d+ \(step [1-9]", again.stderr), again.stderr[-2000:]
+    seconds = json.loads((out / "summary.json").read_text())["seconds"]["train"]["seconds"]
+    assert seconds > killed_at  # every attempt counted, not only the last one

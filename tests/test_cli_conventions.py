@@ -73,7 +73,7 @@ def test_a_flag_name_means_the_same_in_every_verb():
 def test_lists_are_comma_separated_or_repeated_everywhere():
     for verb, parser in LEAVES.items():
         for action in _options(parser):
-            if action.option_strings in (["--instruction"], ["--set"]):
+            if action.option_strings in (["--instruction"], ["--set"], ["--query"]):
                 continue  # free text (may contain commas; adapt's --set KEY=[0.5,1.0]): repeat the flag
             assert action.nargs not in ("+", "*") and not isinstance(action, argparse._AppendAction), \
                 f"{verb} {action.option_strings[0]} is a list without the common syntax"  # fmt: skip

@@ -4,7 +4,6 @@ shared text rules, through the paths users take (`qembed embed`, `qembed synth`'
 from __future__ import annotations
 
 import json
-import logging
 import tracemalloc
 
 import numpy as np
@@ -40,16 +39,18 @@ def test_formats_and_the_one_id_convention(tmp_path):
     assert list(iter_corpus(other, text_field="query")) == [Document("q1", "T what")]
 
 
-def test_repeated_ids_keep_first_position_and_last_text(tmp_path, caplog):
-    path = _jsonl(tmp_path / "c.jsonl", [{"_id": "a", "text": "1"}, {"_id": "b", "text": "2"},
+def test_a_repeated_id_is_an_error_naming_both_lines(tmp_path):
+    path = _jsonl(tmp_path / "c.jsonl", [{"_id": "a", "text": "1"}, {"_id": "b", "text": "2"}, "",
                                          {"_id": "a", "text": "3"}, {"_id": "c", "text": "4"}])  # fmt: skip
-    with caplog.at_level(logging.WARNING):
-        memory = read_corpus(path)
-    assert memory == {"a": "3", "b": "2", "c": "4"} and list(memory) == ["a", "b", "c"]
-    assert "1 repeated document id(s)" in caplog.text
-    disk = CorpusFile(path)
-    assert list(disk) == disk.ids == ["a", "b", "c"] and dict(disk) == memory
-    assert list(disk.values()) == ["3", "2", "4"] and disk.text(0) == "3" and disk.rows["c"] == 2
+    expected = f"{path}:4: duplicate document id 'a', first on line 1"
+    for read in (read_corpus, CorpusFile, lambda p: list(iter_corpus(p))):
+        with pytest.raises(QembedError, match=expected):
+            read(path)
+    # an explicit id equal to another record's line-number id is a repeat too
+    clash = _jsonl(tmp_path / "clash.jsonl", [{"text": "line one"}, {"_id": "1", "text": "two"}])
+    with pytest.raises(QembedError, match=f"{clash}:2: duplicate document id '1', first on line 1"):
+        read_corpus(clash)
+    assert read_corpus(path, limit=2) == {"a": "1", "b": "2"}  # the repeat lies beyond what was read
 
 
 def test_corpus_file_equals_the_in_memory_corpus_on_nfcorpus(shared_dir):

@@ -128,7 +128,7 @@ def test_swift_reading_rules_and_errors(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": user, "positive_messages": positive, "label": 0.5}])
     assert main(["data", "convert", "--to", "st", "--input", str(bad), "--output", str(tmp_path / "o.parquet")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"qembed data: error: {bad}:1: 'label' 0.5") and err.count("\n") == 1
+    assert err.startswith(f"qembed data convert: error: {bad}:1: 'label' 0.5") and err.count("\n") == 1
     assert not (tmp_path / "o.parquet").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("the user's")

@@ -30,13 +30,15 @@ DOCS = [(f"d{i}", f"document number {i} about {topic}") for i, topic in
 
 def test_rebuild_encodes_only_new_and_changed_documents(embedder, tmp_path, one_torch_thread):
     corpus = write_corpus(tmp_path / "corpus.jsonl", DOCS[:20])
-    first = build_index(embedder, corpus, tmp_path / "idx")
+    cache = tmp_path / "cache"  # a fresh cache: the counts below do not depend on what other tests encoded
+    first = build_index(embedder, corpus, tmp_path / "idx", cache_dir=cache)
     assert (first.encoded, first.cached, first.manifest.count) == (20, 0, 20)
     grown = DOCS[:3] + [("d3", "a changed document")] + DOCS[4:]
-    second = build_index(embedder, write_corpus(corpus, grown), tmp_path / "idx")
+    second = build_index(embedder, write_corpus(corpus, grown), tmp_path / "idx", cache_dir=cache)
     assert (second.encoded, second.cached, second.manifest.count) == (11, 19, 30)
-    fresh = build_index(embedder, corpus, tmp_path / "fresh")
+    fresh = build_index(embedder, corpus, tmp_path / "fresh", cache_dir=tmp_path / "fresh-cache")
     assert fresh.encoded == 30
+    assert build_index(embedder, corpus, tmp_path / "same-cache", cache_dir=cache).encoded == 0
     index = open_search_index(tmp_path / "idx", embedder)
     assert len(index) == 30 and index.document(3) == ("d3", "a changed document")
     hits = index.search("about vitamin D", top_k=5)

@@ -224,7 +224,9 @@ def test_edge_cases(emb, cache, tmp_path, capsys, monkeypatch):
     lines = full.splitlines(keepends=True)
     (tmp_path / "out.jsonl").write_text(lines[0] + lines[1][:20])
     again = mine_hard_negatives(emb, pairs, tmp_path / "out.jsonl", corpus=corpus, **rules)
-    assert again.summary["skipped_already_written"] == 1 and again.summary["queries"] == 2
+    assert again.summary["skipped_already_written"] == 1 and again.summary["queries_this_run"] == 2
+    assert again.summary["queries"] == 3  # the summary describes the whole output...
+    assert again.summary["rule_counts_cover_queries"] == 2  # ...and says which counts the killed run lost
     assert (tmp_path / "out.jsonl").read_text() == full
 
     # the same with the corpus kept on disk (ids and byte offsets only), as for files over 1 GiB

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from qembed import Embedder, Reranker
+from qembed.cache import CacheStats
 from qembed.cli import main
+from qembed.encode import encode_with_cache
 from qembed.errors import QembedError
-from qembed.eval.cache import CacheStats, encode_with_cache
 from qembed.models.prompts import format_query
 
 TEXTS = ["how do I control rice blast?", "Rice blast is controlled with resistant varieties and balanced nitrogen.",

@@ -384,7 +384,10 @@ def test_schema_fuzzing_never_gives_5xx(qwen_server):
             check_hostile()
     session.close()
     assert len(seen) >= 100 and any(s == 200 for s in seen) and any(s == 400 for s in seen)
-    assert len(surrogate_errors) >= 5 and set(surrogate_errors) == {400}
+    # how many hostile cases put the surrogate into a text (not a model name) depends on what hypothesis
+    # draws; every route's surrogate rule is checked case by case above
+    # (test_empty_and_unencodable_text_is_a_400_on_every_route)
+    assert surrogate_errors and set(surrogate_errors) == {400}
 
 
 def _string_paths(value, path=()):

@@ -1,5 +1,6 @@
 """`qembed <verb>`: a thin argument parser over the library. Each verb lives in its own module
-that defines `add_parser(subparsers)` and sets `func` (a callable taking the parsed args)."""
+that defines `add_parser(subparsers)` and sets `func` (a callable taking the parsed args); a sub-verb also sets
+`command` (e.g. "data convert"), the name its error messages start with."""
 
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except QembedError as exc:
         if args.verbose:
             raise
-        print(f"qembed {args.verb}: error: {exc}", file=sys.stderr)
+        print(f"qembed {getattr(args, 'command', None) or args.verb}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
-        print(f"qembed {args.verb}: interrupted", file=sys.stderr)
+        print(f"qembed {getattr(args, 'command', None) or args.verb}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)

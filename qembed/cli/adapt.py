@@ -8,6 +8,7 @@ import logging
 import yaml
 
 from qembed.cli.common import add_list, add_progress_args, check_output
+from qembed.data.qa_to_beir import FORMATS
 from qembed.errors import QembedError
 
 # flag -> configuration key (every key can also be set with --set KEY=VALUE or in the --config file)
@@ -17,6 +18,8 @@ FLAGS = {
     "encoding": "data.encoding", "format": "data.format", "corpus": "data.corpus", "text_field": "data.text_field",
     "llm_base_url": "data.llm_base_url", "llm_model": "data.llm_model", "api_key_env": "data.api_key_env",
     "dataset": "data.dataset", "reranker": "reranker.model", "retention_dataset": "eval.retention_dataset",
+    "keep_checkpoints": "keep_checkpoints",
+    "instruction": "instruction.candidates",
 }  # fmt: skip
 
 
@@ -29,24 +32,30 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan (done / will run / will rerun) only")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any configuration key, e.g. --set train.lr=5e-5 (value parsed as YAML)")  # fmt: skip
-    p.add_argument("--model", metavar="M", help="base embedder (folder or hub id)")
+    p.add_argument("--model", metavar="M", required=True, help="base embedder (folder or hub id)")
     p.add_argument("--output", metavar="DIR", help="run folder (an existing one is resumed)")
     add_list(p, "--compare-model", metavar="M", help="more embedders measured as baselines")
     p.add_argument("--seed", type=int, help="seed of the split, mining samples and training (default: 0)")
     src = p.add_argument_group("data source (exactly one)")
-    add_list(src, "--qa", metavar="FILE", help="QA pairs files (JSON array, JSONL or CSV)")
-    src.add_argument("--question-field", metavar="NAME", help="field of the question in the QA files")
-    src.add_argument("--answer-field", metavar="NAME", help="field of the answer in the QA files")
+    add_list(src, "--qa", metavar="FILE", help="QA pairs files (JSON array, JSONL, CSV or SQuAD JSON)")
+    src.add_argument("--question-field", metavar="NAME", help="field of the question in the QA files (SQuAD: question)")
+    src.add_argument("--answer-field", metavar="NAME", help="field of the answer in the QA files (SQuAD: context)")
     src.add_argument("--encoding", help="text encoding of the QA files (default: utf-8)")
-    src.add_argument("--format", choices=["json", "jsonl", "csv"], help="format of the QA files (default: from the extension)")
+    src.add_argument("--format", choices=FORMATS,
+                     help="format of the QA files (default: from the extension; SQuAD JSON is detected)")  # fmt: skip
     src.add_argument("--corpus", metavar="FILE", help="documents; an LLM writes the queries")
     src.add_argument("--text-field", metavar="NAME", help="text field of a JSONL corpus (default: text)")
-    src.add_argument("--llm-base-url", metavar="URL", help="OpenAI-compatible server that writes the queries")
+    src.add_argument("--llm-base-url", metavar="URL",
+                     help="OpenAI-compatible server that writes the queries (with --corpus) and candidate instructions")
     src.add_argument("--llm-model", metavar="NAME", help="model name sent to that server")
     src.add_argument("--api-key-env", metavar="VAR", help="environment variable holding its API key")
     src.add_argument("--dataset", metavar="BEIR_DIR", help="a BEIR folder with train and test qrels")
     p.add_argument("--reranker", metavar="M", help="reranker to fine-tune and evaluate retrieve-then-rerank")
+    p.add_argument("--instruction", action="append", metavar="TEXT",
+                   help="a query instruction to try in the instruction search (repeatable; docs/instruction-search.md)")
     p.add_argument("--retention-dataset", metavar="BEIR_DIR", help="general-domain set evaluated at the end")
+    p.add_argument("--keep-checkpoints", action="store_true", default=None,
+                   help="keep training checkpoints once training is done (default: removed)")  # fmt: skip
     add_progress_args(p)
     p.set_defaults(func=run)
 
@@ -85,6 +94,7 @@ def run(args) -> int:
     # repeated instruction settings (a model without a default instruction) are skipped; no need to say so
     logging.getLogger("qembed.eval.evaluate").setLevel(logging.ERROR)
     pipeline = build_pipeline(cfg)
+    pipeline.check()  # OUTPUT is new, empty or a qembed run; no stage would write into a folder not ours
     plan = pipeline.plan()
     print(pipeline.format_plan(), flush=True)
     if args.dry_run:

@@ -25,10 +25,12 @@ def add_parser(subparsers) -> None:
     add_output_args(p, help="index folder to write (or rebuild: only new or changed documents are encoded)",
                     metavar="DIR")  # fmt: skip
     p.add_argument("--index", default="faiss", help="faiss | faiss:FACTORY[?nprobe=N] (IVF4096,Flat, HNSW32,SQ8, ...) | "
-                   "hnsw[:m=32,...] | milvus:PATH.db | milvus:http://HOST:PORT[?index=HNSW&M=16] (README: Indexes)")  # fmt: skip
+                   "hnsw[:m=32,...] | milvus:PATH.db | milvus:http://HOST:PORT[?index=HNSW&M=16] (docs/indexes.md)")  # fmt: skip
     p.add_argument("--dim", type=int, help="Matryoshka dimension, first N components re-normalised (default: full)")
     p.add_argument("--collection", help="Milvus collection name (default: a new unique name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Milvus collection of that name")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="embedding cache (default: $QEMBED_CACHE or ~/.cache/qembed/embeddings)")  # fmt: skip
     add_milvus_token_arg(p)
     add_quantize_arg(p)
     add_progress_args(p)
@@ -37,13 +39,18 @@ def add_parser(subparsers) -> None:
 
     s = subparsers.add_parser("search", help="search an index folder built by `qembed index build`")
     s.add_argument("--index", required=True, help="index folder written by `qembed index build`")
-    s.add_argument("--query", required=True, help="the query text")
+    s.add_argument("--query", action="append", default=[], metavar="TEXT",
+                   help="a query text (repeat for several: the model is loaded once)")  # fmt: skip
+    s.add_argument("--query-file", metavar="FILE",
+                   help="file of queries: one per line, or JSONL with a 'text' or 'query' field per line "
+                        "(--queries is embed's switch: one meaning per flag)")  # fmt: skip
     s.add_argument("--top-k", type=int, default=10, help="hits to print")
     s.add_argument("--instruction", help="query instruction (default: the model's own)")
     s.add_argument("--model", help="embedding model (default: the one recorded in the index)")
     s.add_argument("--reranker", help="re-score the first --rerank-top hits with this reranker")
     s.add_argument("--rerank-top", type=int, help="hits to rerank (default: --top-k)")
-    s.add_argument("--json", action="store_true", help="print the hits as one JSON object")
+    s.add_argument("--json", action="store_true",
+                   help="print one JSON object per query, one per line: {query, results}")  # fmt: skip
     add_search_param_args(s)
     add_milvus_token_arg(s)
     add_device_args(s, what="the models")
@@ -76,10 +83,12 @@ def milvus_token(args) -> str:
 
 
 def run_build(args) -> int:
+    from qembed.data.corpus import check_corpus
     from qembed.index.store import build_index
     from qembed.models.embedder import Embedder
 
     engine = engine_options(args)
+    check_corpus(args.corpus)  # a bad record, text or repeated id: one line now, not after hours of encoding
     embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
         embedder._check_dim(args.dim)
@@ -87,7 +96,8 @@ def run_build(args) -> int:
         raise QembedError(str(exc)) from None
     result = build_index(embedder, args.corpus, args.output, index=args.index, dim=args.dim,
                          batch_tokens=args.batch_tokens, collection=args.collection, overwrite=args.overwrite,
-                         token=milvus_token(args), engine=engine)  # fmt: skip
+                         token=milvus_token(args), cache_dir=args.cache_dir, corpus_checked=True,
+                         engine=engine)  # fmt: skip
     m = result.manifest
     where = f" (Milvus collection {m.collection})" if m.collection else ""
     recall = f", recall@10 {m.recall_at_10:.3f} of exact" if m.recall_at_10 is not None else ""
@@ -97,11 +107,15 @@ def run_build(args) -> int:
 
 
 def run_search(args) -> int:
-    from qembed.index.store import Manifest, open_search_index
+    from qembed.data.beir import read_query_file
+    from qembed.index.store import Manifest, open_search_index, rerank_hits
     from qembed.models.embedder import Embedder
 
     if args.top_k < 1:
         raise QembedError("--top-k must be at least 1")
+    queries = list(args.query) + (read_query_file(args.query_file) if args.query_file else [])
+    if not queries:
+        raise QembedError("give a query: --query TEXT (repeatable) or --query-file FILE")
     manifest = Manifest.read(args.index)
     params = search_params(args)
     embedder = Embedder.from_pretrained(args.model or manifest.model, device=args.device, dtype=args.dtype,
@@ -112,14 +126,19 @@ def run_search(args) -> int:
         from qembed.models.reranker import Reranker
 
         reranker = Reranker.from_pretrained(args.reranker, device=args.device, dtype=args.dtype, quantize=args.quantize)
-    hits = index.search(args.query, args.top_k, instruction=args.instruction, reranker=reranker,
-                        rerank_top=args.rerank_top)  # fmt: skip
-    if args.json:
-        results = [{k: v for k, v in vars(h).items() if v is not None} for h in hits]
-        print(json.dumps({"query": args.query, "results": results}, ensure_ascii=False))
-        return 0
-    for rank, hit in enumerate(hits, start=1):
-        rerank = f"\trerank={hit.rerank_score:.4f}" if hit.rerank_score is not None else ""
-        text = " ".join(hit.text.split())
-        print(f"{rank}\t{hit.score:.4f}{rerank}\t{hit.id}\t{text[:200]}")
+    # All queries encoded and searched together; each is reranked on its own hits.
+    found = index.search_vectors(index.encode_queries(queries, args.instruction), args.top_k)
+    for number, (query, hits) in enumerate(zip(queries, found), start=1):
+        if reranker is not None:
+            hits = rerank_hits(reranker, query, hits, args.rerank_top, args.instruction)
+        if args.json:
+            results = [{k: v for k, v in vars(h).items() if v is not None} for h in hits]
+            print(json.dumps({"query": query, "results": results}, ensure_ascii=False), flush=True)
+            continue
+        if len(queries) > 1:
+            print(f"{'' if number == 1 else chr(10)}# query {number}: {' '.join(query.split())}")
+        for rank, hit in enumerate(hits, start=1):
+            rerank = f"\trerank={hit.rerank_score:.4f}" if hit.rerank_score is not None else ""
+            text = " ".join(hit.text.split())
+            print(f"{rank}\t{hit.score:.4f}{rerank}\t{hit.id}\t{text[:200]}")
     return 0

@@ -52,6 +52,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=D.max_length,
                    help="token limit per text during training (evaluation uses the model's inference limit)")  # fmt: skip
     p.add_argument("--save-steps", type=int, default=D.save_steps, help="checkpoint every N steps (0: never)")
+    p.add_argument("--save-minutes", type=float, default=D.save_minutes, metavar="MIN",
+                   help="also checkpoint after a step that ends this many minutes after the last checkpoint (0: never)")  # fmt: skip
     p.add_argument("--save-total-limit", type=int, default=D.save_total_limit, help="step checkpoints kept")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in OUTPUT/checkpoints (same options and data)")  # fmt: skip

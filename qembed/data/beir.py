@@ -1,16 +1,17 @@
 """BEIR retrieval folders: `corpus.jsonl` (`_id,title,text`), `queries.jsonl` (`_id,text`) and
-`qrels/{split}.tsv` (`query-id  corpus-id  score`, with a header line)."""
+`qrels/{split}.tsv` (`query-id  corpus-id  score`, with a header line); optionally `dataset.json` with a
+`name` shown in reports. Document and query ids must be unique (`qembed.data.corpus`)."""
 
 from __future__ import annotations
 
-import csv
+import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qembed.data.corpus import open_corpus, record_id
-from qembed.data.jsonl import iter_numbered_jsonl, write_jsonl
+from qembed.data.corpus import iter_ids, open_corpus, record_id
+from qembed.data.jsonl import UniqueIds, iter_lines, iter_numbered_jsonl, write_jsonl
 from qembed.errors import QembedError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class RetrievalDataset:
     name: str = ""
     split: str = "test"
     skipped: dict[str, int] = field(default_factory=dict)
+    _doc_ids: tuple[Mapping[str, str], list[str]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: str | Path, split: str = "test", *, in_memory: bool | None = None) -> RetrievalDataset:
@@ -73,11 +75,20 @@ class RetrievalDataset:
         if not qrels:
             raise QembedError(f"{qrels_path}: no query of split {split!r} has a judged document in the corpus")
         queries = {qid: all_queries[qid] for qid in qrels}
-        return cls(corpus=corpus, queries=queries, qrels=qrels, name=path.name, split=split, skipped=skipped)
+        return cls(corpus=corpus, queries=queries, qrels=qrels, name=dataset_name(path), split=split,
+                   skipped=skipped)  # fmt: skip
 
     @property
     def doc_ids(self) -> list[str]:
-        return list(self.corpus)
+        """Document ids in corpus order: one list, built once (evaluation reads it once per query); rebuilt
+        only when `corpus` is replaced or changes size. Treat it as read-only."""
+        ids = getattr(self.corpus, "ids", None)  # a `CorpusFile` keeps its own list
+        if isinstance(ids, list):
+            return ids
+        cached = self._doc_ids
+        if cached is None or cached[0] is not self.corpus or len(cached[1]) != len(self.corpus):
+            cached = self._doc_ids = (self.corpus, list(self.corpus))
+        return cached[1]
 
     @property
     def query_ids(self) -> list[str]:
@@ -101,35 +112,87 @@ class RetrievalDataset:
 
 
 def read_queries(path: Path) -> dict[str, str]:
-    """`{query id: text}` of a BEIR `queries.jsonl` (every record needs an `_id` or `id`)."""
+    """`{query id: text}` of a BEIR `queries.jsonl` (every record needs an `_id` or `id`, each id once)."""
     queries: dict[str, str] = {}
+    ids = UniqueIds(path, "query id", lambda: iter_ids(path))
     for number, record in iter_numbered_jsonl(path):
         query_id, text = record_id(record, path, number), record.get("text")
         if query_id is None:
             raise QembedError(f"{path}:{number}: no '_id'")
+        ids.add(query_id, number)
         if not isinstance(text, str):
             raise QembedError(f"{path}:{number} ({query_id}): 'text' must be a string")
         queries[query_id] = text
     return queries
 
 
+def read_query_file(path: str | Path) -> list[str]:
+    """Query texts of a file, in order: JSONL (a `.jsonl` name, or a first line that starts with `{`) with a
+    `text` or `query` field per record, else one query per non-blank line."""
+    path = Path(path)
+    first = next((raw for _, _, raw in iter_lines(path) if raw.strip()), b"")
+    queries = []
+    if path.suffix == ".jsonl" or first.lstrip().startswith(b"{"):
+        for number, record in iter_numbered_jsonl(path):
+            text = record.get("text", record.get("query"))
+            if not isinstance(text, str) or not text.strip():
+                raise QembedError(f"{path}:{number}: no 'text' or 'query' field holding a non-empty string")
+            queries.append(text)
+    else:
+        for number, _, raw in iter_lines(path):
+            try:
+                text = raw.decode("utf-8").lstrip("\ufeff").strip()
+            except UnicodeDecodeError as exc:
+                raise QembedError(f"{path}:{number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            if text:
+                queries.append(text)
+    if not queries:
+        raise QembedError(f"{path}: no queries (the file is empty)")
+    return queries
+
+
 def read_qrels(path: Path) -> Qrels:
     """`query-id  corpus-id  score` rows (tab-separated); a first line whose score is not a number is a header."""
     qrels: Qrels = {}
-    with path.open(encoding="utf-8", newline="") as f:
-        for number, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 3:
-                raise QembedError(f"{path}:{number}: expected 3 tab-separated columns (query-id, corpus-id, score)")
-            try:
-                grade = int(float(row[2]))
-            except ValueError:
-                if number == 1:
-                    continue  # header
-                raise QembedError(f"{path}:{number}: score {row[2]!r} is not a number") from None
-            qrels.setdefault(row[0], {})[row[1]] = grade
+    for number, _, raw in iter_lines(path):
+        try:
+            row = raw.decode("utf-8").rstrip("\r\n").split("\t")  # one row per line, no quoting
+        except UnicodeDecodeError as exc:
+            raise QembedError(f"{path}:{number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if not "".join(row).strip():
+            continue
+        if len(row) < 3:
+            raise QembedError(f"{path}:{number}: expected 3 tab-separated columns (query-id, corpus-id, score)")
+        try:
+            grade = int(float(row[2]))
+        except ValueError:
+            if number == 1:
+                continue  # header
+            raise QembedError(f"{path}:{number}: score {row[2]!r} is not a number") from None
+        qrels.setdefault(row[0], {})[row[1]] = grade
     return qrels
+
+
+GENERIC_FOLDER_NAMES = frozenset({"beir", "data", "dataset", "datasets", "qa", "corpus"})
+
+
+def dataset_name(path: str | Path) -> str:
+    """The name reports show for a BEIR folder: `name` in its `dataset.json`, else the folder's name, or for a
+    folder with a generic name (`beir`, `data`, ...: `GENERIC_FOLDER_NAMES`) the first parent folder whose
+    name is not generic (`cmrc/beir` -> `cmrc`; an `adapt` output's `OUT/data/beir` -> `OUT`)."""
+    path = Path(path)
+    meta = path / "dataset.json"
+    if meta.is_file():
+        try:
+            name = json.loads(meta.read_text(encoding="utf-8")).get("name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        if isinstance(name, str) and name.strip():
+            return name.strip()
+    for folder in (path, *path.resolve().parents):
+        if folder.name and folder.name.lower() not in GENERIC_FOLDER_NAMES:
+            return folder.name
+    return path.name or str(path)
 
 
 def write_beir(path: str | Path, corpus: Mapping[str, str | dict[str, str]], queries: Mapping[str, str],

@@ -6,7 +6,9 @@ document per line. A document's text is `join_title(title, text)` (a JSONL `titl
 Ids: a JSONL record's `_id`, else its `id`, else its 1-based line number in the file; a `.txt` document's
 id is its 1-based line number. Line numbers count blank lines, so an id stays the same when the same file
 is read again, names the line an editor (and every error message) shows, and is the same in every command.
-A repeated id keeps its first position and its last text, with a warning.
+Every id appears once: a repeated id is an error naming the file and both lines, raised while reading
+(`qembed.data.jsonl.UniqueIds`), so it is reported before any model work. Text that is not valid Unicode (a
+lone UTF-16 surrogate such as JSON's `"\\ud800"`, invalid UTF-8) is a `file:line` error too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterator, Mapping, ValuesView
 from pathlib import Path
 from typing import NamedTuple
 
-from qembed.data.jsonl import iter_lines, parse_jsonl_line
+from qembed.data.jsonl import UniqueIds, check_unique_ids, iter_lines, iter_numbered_jsonl, parse_jsonl_line
 from qembed.data.text import join_title
 from qembed.errors import QembedError
 
@@ -28,32 +30,51 @@ IN_MEMORY_MAX_BYTES = 1 << 30  # `open_corpus` keeps larger files on disk (`Corp
 
 
 class Document(NamedTuple):
+    """A corpus document: its id (`_id`, else `id`, else the 1-based line number) and its text (title + " " + text when titled)."""
+
     doc_id: str
     text: str
 
 
-def iter_corpus(path: str | Path, *, text_field: str = "text", keep_blank: bool = False) -> Iterator[Document]:
+def iter_corpus(path: str | Path, *, text_field: str = "text", keep_blank: bool = False,
+                check_ids: bool = True) -> Iterator[Document]:
     """Stream the documents of a corpus file or BEIR folder in file order, one line at a time.
 
     Blank documents are skipped (with a logged count) unless `keep_blank`; bad records raise `QembedError`
-    naming the file and line."""
-    for _, doc in _iter_with_offsets(corpus_path(path), text_field, keep_blank):
+    naming the file and line. `check_ids=False` skips the repeated-id check (it holds every id in a set):
+    for callers that ran `check_corpus` first and stream a corpus of any size."""
+    for _, doc in _iter_with_offsets(corpus_path(path), text_field, keep_blank, check_ids):
         yield doc
 
 
 def read_corpus(path: str | Path, *, text_field: str = "text", limit: int | None = None,
                 keep_blank: bool = False) -> dict[str, str]:
-    """The first `limit` (default: all) distinct documents in memory, as `{doc_id: text}` in file order."""
+    """The first `limit` (default: all) documents in memory, as `{doc_id: text}` in file order."""
     path = corpus_path(path)
     corpus: dict[str, str] = {}
-    duplicates = 0
-    for doc in iter_corpus(path, text_field=text_field, keep_blank=keep_blank):
-        if limit is not None and len(corpus) >= limit and doc.doc_id not in corpus:
+    docs = iter_corpus(path, text_field=text_field, keep_blank=keep_blank)
+    while limit is None or len(corpus) < limit:  # stop before reading past the limit
+        doc = next(docs, None)
+        if doc is None:
             break
-        duplicates += doc.doc_id in corpus
         corpus[doc.doc_id] = doc.text
-    _check(path, len(corpus), duplicates)
+    _check(path, len(corpus))
     return corpus
+
+
+def check_corpus(path: str | Path, *, text_field: str = "text") -> int:
+    """Read a corpus once without keeping its texts, raising `QembedError` (`file:line`) on anything a later
+    read would refuse: a bad record, invalid text, a repeated id, an empty corpus. Returns the number of
+    documents (blank ones included). For verbs that stream a corpus into long work (`index build`); memory:
+    8 bytes per document (`check_unique_ids`)."""
+    path = corpus_path(path)
+    numbered = ((number, doc.doc_id) for number, doc in _iter_with_offsets(path, text_field, True, False))
+    if path.suffix == ".jsonl":
+        count = check_unique_ids(path, "document id", numbered, lambda: iter_ids(path))
+    else:  # .txt: ids are line numbers
+        count = sum(1 for _ in numbered)
+    _check(path, count)
+    return count
 
 
 def open_corpus(path: str | Path, *, text_field: str = "text", keep_blank: bool = False,
@@ -92,18 +113,11 @@ class CorpusFile(Mapping):
         self.ids: list[str] = []
         self._rows: dict[str, int] = {}
         self._offsets = array("q")
-        duplicates = 0
-        for offset, doc in _iter_with_offsets(self.path, text_field, keep_blank):
-            row = self._rows.get(doc.doc_id)
-            if row is None:
-                self._rows[doc.doc_id] = len(self.ids)
-                self.ids.append(doc.doc_id)
-                self._offsets.append(offset)
-            else:
-                duplicates += 1
-                self._offsets[row] = offset
-        _check(self.path, len(self.ids), duplicates)
-        self._in_order = duplicates == 0
+        for offset, doc in _iter_with_offsets(self.path, text_field, keep_blank):  # ids are unique (the reader)
+            self._rows[doc.doc_id] = len(self.ids)
+            self.ids.append(doc.doc_id)
+            self._offsets.append(offset)
+        _check(self.path, len(self.ids))
         self._file = None
 
     def text(self, row: int) -> str:
@@ -135,13 +149,9 @@ class CorpusFile(Mapping):
         return _StreamedTexts(self)
 
     def iter_texts(self) -> Iterator[str]:
-        """Texts in `ids` order, read sequentially (one seek per document only when ids repeat)."""
-        if self._in_order:
-            for _, doc in _iter_with_offsets(self.path, *self._options):
-                yield doc.text
-        else:
-            for row in range(len(self.ids)):
-                yield self.text(row)
+        """Texts in `ids` order, read sequentially."""
+        for _, doc in _iter_with_offsets(self.path, *self._options):
+            yield doc.text
 
 
 class _StreamedTexts(ValuesView):
@@ -161,15 +171,26 @@ def record_id(record: dict, path: Path, number: int) -> str | None:
     return None
 
 
-def _iter_with_offsets(path: Path, text_field: str, keep_blank: bool) -> Iterator[tuple[int, Document]]:
+def iter_ids(path: str | Path) -> Iterator[tuple[int, str]]:
+    """`(line number, id)` of every record of a JSONL corpus or queries file (the id rule above)."""
+    for number, record in iter_numbered_jsonl(path):
+        yield number, record_id(record, Path(path), number) or str(number)
+
+
+def _iter_with_offsets(path: Path, text_field: str, keep_blank: bool,
+                       check_ids: bool = True) -> Iterator[tuple[int, Document]]:
     if not path.is_file():
         raise QembedError(f"corpus file not found: {path}")
     jsonl = path.suffix == ".jsonl"
+    checked = jsonl and check_ids  # .txt: ids are line numbers
+    ids = UniqueIds(path, "document id", lambda: iter_ids(path)) if checked else None
     blank = 0
     for number, offset, raw in iter_lines(path):
         if jsonl and not raw.strip():
             continue  # not a record
         doc = _parse(raw, path, number, text_field, jsonl)
+        if ids is not None:
+            ids.add(doc.doc_id, number)
         if doc.text or keep_blank:
             yield offset, doc
         else:
@@ -190,11 +211,15 @@ def _parse(raw: bytes, path: Path, number: int, text_field: str, jsonl: bool) ->
         raise QembedError(f"{path}:{number}: no field {text_field!r} holding a string (fields: {sorted(record)})")
     if title is not None and not isinstance(title, str):
         raise QembedError(f"{path}:{number}: 'title' must be a string")
-    return Document(record_id(record, path, number) or str(number), join_title(title, text))
+    doc = Document(record_id(record, path, number) or str(number), join_title(title, text))
+    try:
+        doc.text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a JSON escape of half a UTF-16 pair: no model can read it
+        raise QembedError(f"{path}:{number}: the text is not valid Unicode (a lone surrogate "
+                          f"U+{ord(doc.text[exc.start]):04X} at character {exc.start})") from None
+    return doc
 
 
-def _check(path: Path, count: int, duplicates: int) -> None:
+def _check(path: Path, count: int) -> None:
     if not count:
         raise QembedError(f"{path}: the corpus is empty (no documents)")
-    if duplicates:
-        log.warning("%s: %d repeated document id(s); each keeps its last text", path, duplicates)

@@ -18,6 +18,9 @@ from qembed.errors import QembedError
 
 @dataclass
 class PairRecord:
+    """A training record, checked: query, positives, negatives, optional instruction and positive ids,
+    and `record`, the row as read with every field (kept when written back)."""
+
     query: str
     pos: list[str]
     neg: list[str] = field(default_factory=list)

@@ -3,15 +3,23 @@
 Queries that share a relevant document form one group (connected components of the query–document
 graph), and a group is never divided: a test query's positive document is then never a training
 positive, and two splits never share a query. Groups are shuffled with a seeded RNG and dealt to test,
-then dev, until each reaches its target size; the rest is train.
+then dev, until each reaches its target size; the rest is train. Every verb that splits QA data
+(`qembed data qa-to-beir`, `qembed adapt`) uses `split_queries`, so the same data and seed give the same split.
+
+A model `qembed adapt` trained records the hashes of its train and dev query texts (`write_training_queries`);
+`qembed eval` warns when the split it evaluates shares queries with them (`training_overlap`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from qembed.errors import QembedError
+from qembed.files import atomic_write_json
 
 Qrels = dict[str, dict[str, int]]
 
@@ -108,3 +116,33 @@ def carve_dev(train: Qrels, test: Qrels, sizes: SplitSizes = SplitSizes(), *, se
     if not rest:
         raise QembedError(f"no train queries left after taking {len(dev)} dev queries")
     return {"train": rest, "dev": dev, "test": test}
+
+
+# ------------------------------------------------------------------------------ what a model was trained on
+TRAINING_QUERIES_FILE = "training_queries.json"
+
+
+def query_hash(text: str) -> str:
+    """The fingerprint of one query text: sha256 of its stripped UTF-8 text, first 16 hex digits."""
+    return hashlib.sha256(text.strip().encode("utf-8")).hexdigest()[:16]
+
+
+def write_training_queries(model_dir: str | Path, queries_by_split: dict[str, list[str]]) -> None:
+    """Record in `model_dir` which query texts chose the model (`train`: trained on; `dev`: choices made
+    on), as hashes, so an evaluation on a split that shares them can say so (`training_overlap`)."""
+    record = {"hash": "sha256 of the stripped query text, first 16 hex digits",
+              **{split: sorted({query_hash(t) for t in texts}) for split, texts in queries_by_split.items()}}  # fmt: skip
+    atomic_write_json(Path(model_dir) / TRAINING_QUERIES_FILE, record, indent=None)
+
+
+def training_overlap(model_dir: str | Path, queries: list[str]) -> dict[str, int]:
+    """`{split: number of `queries` that were among the model's queries of that split}` (only splits with
+    any), from `model_dir`'s `training_queries.json`; empty when the model has no such record."""
+    path = Path(model_dir) / TRAINING_QUERIES_FILE
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text(encoding="utf-8"))
+    hashes = [query_hash(t) for t in queries]
+    seen = {split: set(values) for split, values in record.items() if isinstance(values, list)}
+    counts = {split: sum(h in values for h in hashes) for split, values in seen.items()}
+    return {split: n for split, n in counts.items() if n}

@@ -1,4 +1,4 @@
-"""Retrieval evaluation: metrics, the embedding cache, `evaluate` and its report."""
+"""Retrieval evaluation: metrics, `evaluate` and its report."""
 
 from qembed.eval.evaluate import MODEL_DEFAULT, QueryFormat, evaluate
 

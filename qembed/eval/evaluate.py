@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qembed.cache import text_key
 from qembed.data.beir import RetrievalDataset
+from qembed.encode import CachedEncoder
 from qembed.errors import QembedError
-from qembed.eval.cache import CachedEncoder, text_key
 from qembed.eval.metrics import GAINS, METRICS, evaluate_run, trec_order
 from qembed.index import open_index, parse_spec
 from qembed.models.prompts import MODEL_DEFAULT, QueryFormat

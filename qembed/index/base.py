@@ -53,23 +53,29 @@ class VectorIndex(Protocol):
     dim: int
     exact: bool
 
-    def add(self, ids: Sequence[str] | None, vectors: np.ndarray) -> None: ...
+    def add(self, ids: Sequence[str] | None, vectors: np.ndarray) -> None:
+        """Append float32 `vectors` (n, dim) as the next rows; `ids` (n strings), or None for rows only."""
 
     def search(
         self, queries: np.ndarray, k: int, *, batch_size: int = ..., show_progress: bool = ...,
         params: SearchParams | None = ...,
-    ) -> tuple[list[list[str]], np.ndarray]: ...  # fmt: skip
+    ) -> tuple[list[list[str]], np.ndarray]:  # fmt: skip
+        """The top `k` ids per query row and their inner products (float32 (nq, k)), best first."""
 
     def search_rows(
         self, queries: np.ndarray, k: int, *, batch_size: int = ..., show_progress: bool = ...,
         params: SearchParams | None = ...,
-    ) -> tuple[np.ndarray, np.ndarray]: ...  # fmt: skip
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """As `search`, with row numbers (int64 (nq, k), -1 and score -inf where fewer than `k` exist) instead of ids."""
 
-    def check_params(self, params: SearchParams) -> None: ...
+    def check_params(self, params: SearchParams) -> None:
+        """Raise `QembedError` (one line) when `params` sets a parameter this index has no use for."""
 
-    def save(self, path: str | Path) -> None: ...
+    def save(self, path: str | Path) -> None:
+        """Write the index to the folder `path` (`load_index` reads it back)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the index (a temporary Milvus collection is dropped)."""
 
     def __len__(self) -> int: ...
 
@@ -78,9 +84,9 @@ class IdList(Sequence[str]):
     """Document ids as one UTF-8 buffer plus an int64 end offset per id: 8 bytes + the id's bytes each,
     no Python object per id. Appends are amortised O(1); `save`/`load` write two flat files."""
 
-    def __init__(self, ids: Iterable[str] = ()) -> None:
+    def __init__(self, ids: Iterable[str] = (), *, capacity: int = 1024) -> None:
         self._blob: bytearray | np.ndarray = bytearray()
-        self._ends = np.zeros(1024, dtype=np.int64)
+        self._ends = np.zeros(max(int(capacity), 1), dtype=np.int64)  # `capacity` ids fit without regrowth
         self._count = 0
         self.extend(ids)
 
@@ -117,8 +123,8 @@ class IdList(Sequence[str]):
     def save(self, path: str | Path) -> None:
         """Write `ids.bin` (the ids' UTF-8 bytes, back to back) and `ids.ends.npy` in the folder `path`."""
         path = Path(path)
-        (path / "ids.bin").write_bytes(
-            bytes(self._blob[: int(self._ends[self._count - 1]) if self._count else 0])
+        (path / "ids.bin").write_bytes(  # a view, not a copy
+            memoryview(self._blob)[: int(self._ends[self._count - 1]) if self._count else 0]
         )
         np.save(path / "ids.ends.npy", self._ends[: self._count])
 

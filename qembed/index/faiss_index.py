@@ -111,6 +111,7 @@ class FaissIndex:
         self._ids: IdList | None = None
         self._has_ids: bool | None = None  # decided by the first add
         self._read_only = False
+        self._capacity = int(capacity or 1024)
         if capacity and isinstance(self._index, faiss.IndexFlatCodes):
             # The codes vector keeps its capacity when shrunk: later adds fill this space without regrowth.
             self._index.codes.resize(int(capacity) * self._index.code_size)
@@ -168,7 +169,7 @@ class FaissIndex:
             raise QembedError("this index was opened memory-mapped (read-only): load it without mmap to add")
         if self._has_ids is None:
             self._has_ids = ids is not None
-            self._ids = IdList() if self._has_ids else None
+            self._ids = IdList(capacity=self._capacity) if self._has_ids else None
         elif self._has_ids != (ids is not None):
             raise QembedError("add: give ids with every batch or with none")
         if not len(vectors):

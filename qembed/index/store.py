@@ -5,7 +5,9 @@ Layout of `DIR`:
 - `docs.jsonl` (one `{"id", "text"}` line per row, in row order, written as the vectors come) and
   `docs.offsets.npy` (byte offset of each line), so a hit's text is read without loading all texts;
 - `vectors/`: the vector index (`load_index`); for a Milvus server only its connection facts;
-- `cache/`: the embedding cache, so rebuilding a grown corpus encodes only new or changed documents.
+- `.qembed-output.json` (the folder is qembed's) and, while a build runs or after it was killed, `.build.json`.
+Vectors come through the shared embedding cache (`qembed.cache`), so rebuilding a grown corpus, or building
+after `eval`/`adapt` with the same model, encodes only new or changed documents.
 """
 
 from __future__ import annotations
@@ -13,13 +15,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from qembed.data.corpus import iter_corpus
+from qembed.data.corpus import check_corpus, iter_corpus
 from qembed.errors import QembedError
 from qembed.files import atomic_write_json, is_owned, mark_owned
 from qembed.index import RecallProbe, SearchParams, load_index, open_index, parse_spec
@@ -50,6 +51,9 @@ class Manifest:
     def read(cls, directory: str | Path) -> Manifest:
         path = Path(directory) / MANIFEST
         if not path.is_file():
+            if (Path(directory) / BUILD_MARKER).is_file():
+                raise QembedError(f"{directory}: its `qembed index build` did not finish (killed or failed): "
+                                  "run the same command again to continue it")  # fmt: skip
             raise QembedError(f"{directory} is not a qembed index (no {MANIFEST}); build one with `qembed index build`")
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format") != FORMAT:
@@ -59,6 +63,8 @@ class Manifest:
 
 @dataclass
 class Hit:
+    """One search result: document id, similarity, text and, when reranked, the reranker's score."""
+
     id: str
     score: float
     text: str
@@ -72,13 +78,55 @@ class BuildResult:
     cached: int
 
 
-def _ids_and_texts(pairs: Iterator[tuple[str, str]], docs_file, offsets: list[int], ids: list[str]) -> Iterator[str]:
-    """Write each document line as it passes, remember its offset and id, and yield its text."""
-    for doc_id, text in pairs:
-        offsets.append(docs_file.tell())
-        ids.append(doc_id)
-        docs_file.write((json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
-        yield text
+BUILD_MARKER = ".build.json"  # an index build in progress (or killed): the same command continues it
+VERB = "index build"
+
+
+class _Growing:
+    """A growing 1-d numpy array (amortised O(1) appends, 8 bytes per int64 item, no Python object each)."""
+
+    def __init__(self, capacity: int, dtype=np.int64) -> None:
+        self.data = np.empty(max(int(capacity), 1024), dtype=dtype)
+        self.size = 0
+
+    def extend(self, values) -> None:
+        values = np.asarray(values, dtype=self.data.dtype)
+        need = self.size + len(values)
+        if need > len(self.data):
+            self.data = np.resize(self.data, max(need, 2 * len(self.data)))
+        self.data[self.size : need] = values
+        self.size = need
+
+    def append(self, value) -> None:
+        if self.size == len(self.data):
+            self.data = np.resize(self.data, 2 * len(self.data))
+        self.data[self.size] = value
+        self.size += 1
+
+    def array(self) -> np.ndarray:
+        return self.data[: self.size]
+
+
+def count_lines(path: str | Path) -> int:
+    """Lines in a corpus file (an upper bound of its documents: sizes the index and the progress total)."""
+    from qembed.data.corpus import corpus_path
+
+    count, last = 0, b"\n"
+    with corpus_path(path).open("rb") as f:
+        while block := f.read(1 << 22):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
+
+
+def claim_index_dir(output: Path) -> Manifest | None:
+    """Mark `output` as an index folder before anything else is written (refusing a folder of the user's);
+    returns the manifest of the index it already holds, if any."""
+    previous = Manifest.read(output) if (output / MANIFEST).is_file() else None
+    if output.exists() and previous is None and not is_owned(output, VERB) and any(output.iterdir()):
+        raise QembedError(f"{output} exists and is not a qembed index: choose an empty or new folder")
+    mark_owned(output, VERB)
+    return previous
 
 
 def build_index(
@@ -92,65 +140,89 @@ def build_index(
     collection: str | None = None,
     overwrite: bool = False,
     token: str = "",
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
     show_progress: bool | None = None,
+    cache_dir: str | Path | None = None,
+    corpus_checked: bool = False,
     engine=None,
 ) -> BuildResult:
     """Encode `corpus` with `embedder` (documents: its document prompt) into the index folder `output`.
 
-    Rebuilding an existing folder re-encodes only new or changed documents (the folder's embedding cache).
+    Vectors come through the shared embedding cache (`cache_dir`, default `qembed.cache.default_cache_dir()`),
+    so a rebuild, a build after `eval` or `adapt` with the same model, or a killed build run again encodes
+    only what is not cached yet. The folder is marked as an index build from its first byte; a build that was
+    killed (no manifest yet) is continued by the same command. Memory besides the vectors: about 30 bytes per
+    document plus its id (offsets, ids, the cache's key index; 8 bytes per id while `check_corpus` checks the
+    corpus first, skipped with `corpus_checked=True`), no Python object per document.
     For Milvus, the collection is `collection` or a fresh unique name; an existing collection that this
     folder did not create is never dropped unless `overwrite=True`. A rebuild writes a new collection and
     drops the one it replaces only after the manifest has switched to the new one.
     An approximate index's recall@10 against exact search (`RecallProbe`) goes into the manifest.
-    `engine`: a `qembed.ray_engine.RayOptions` to encode the corpus on Ray (into the folder's cache) first.
+    `engine`: a `qembed.ray_engine.RayOptions` to encode the corpus on Ray (into the embedding cache) first.
     """
-    from qembed.eval.cache import CachedEncoder
+    from qembed.encode import CachedEncoder
 
     start = time.perf_counter()
     output = Path(output)
-    previous = Manifest.read(output) if (output / MANIFEST).is_file() else None
-    if output.exists() and previous is None and not is_owned(output, "index build") and any(output.iterdir()):
-        raise QembedError(f"{output} exists and is not a qembed index: choose an empty or new folder")
     backend, arg = parse_spec(index)
     out_dim = embedder._check_dim(dim) if dim is not None else embedder.hidden_size
+    if not corpus_checked:  # bad records and repeated ids fail now, before anything is written or encoded
+        check_corpus(corpus)
+    expected = count_lines(corpus_path_of(corpus))  # also: a missing corpus fails before anything is written
+    previous = claim_index_dir(output)
+    atomic_write_json(output / BUILD_MARKER, {"corpus": str(corpus), "index": index, "model": embedder.name_or_path,
+                                              "fingerprint": embedder.fingerprint, "dim": out_dim})  # fmt: skip
     options: dict = {}
     replaced = saved_collection(output / "vectors") if previous is not None and previous.collection else None
     if backend == "milvus":
         collection = build_collection(arg["uri"], collection, previous.collection if previous else None,
                                       overwrite=overwrite, token=token, owner=str(output))  # fmt: skip
         options = {"collection": collection, "overwrite": overwrite, "temporary": True, "token": token}
-    mark_owned(output, "index build")  # a first build killed midway is resumed, not refused
     tmp_docs = output / ".docs.jsonl.tmp"
     vectors_tmp = output / ".vectors.tmp"
     shutil.rmtree(vectors_tmp, ignore_errors=True)
     vector_index = probe = None
-    encoder = CachedEncoder(embedder, prompt=embedder.document_prompt, dim=dim, cache_dir=output / "cache",
+    encoder = CachedEncoder(embedder, prompt=embedder.document_prompt, dim=dim, cache_dir=cache_dir,
                             normalize=embedder.search_normalize, batch_tokens=batch_tokens)  # fmt: skip
     if engine is not None:
         from qembed.ray_engine import fill_cache
 
         fill_cache(encoder, corpus, engine, show_progress=show_progress)
     stats = encoder.stats
-    offsets: list[int] = []
-    ids: list[str] = []
-    with tmp_docs.open("wb") as docs_file:
-        texts = _ids_and_texts(iter_corpus(corpus), docs_file, offsets, ids)
-        for begin, vectors in encoder.iter_chunks(texts, chunk_size=chunk_size, show_progress=show_progress,
-                                                  desc="index"):  # fmt: skip
-            if vector_index is None:
-                vector_index = open_index(index, out_dim, **options)
-                probe = None if vector_index.exact else RecallProbe()
-            vector_index.add(ids[begin : begin + len(vectors)], vectors)
-            if probe is not None:
-                probe.add(vectors)
-    if vector_index is None:
-        raise QembedError(f"{corpus}: the corpus is empty")
-    if len(set(ids)) < len(ids):
-        raise QembedError(f"{corpus}: document ids are not unique")
-    recall = round(probe.recall(vector_index), 4) if probe is not None else None
-    vector_index.save(vectors_tmp)
-    np.save(output / ".docs.offsets.tmp.npy", np.asarray(offsets, dtype=np.int64))
+    offsets = _Growing(expected)
+    pending: list[str] = []  # ids of the documents read but not yet indexed (read-ahead: a few chunks)
+
+    def texts(docs_file):
+        """Write each document line as it passes, remember its offset and id, and yield its text."""
+        for doc_id, text in iter_corpus(corpus, check_ids=False):  # checked above, in bounded memory
+            line = (json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n").encode("utf-8")
+            offsets.append(docs_file.tell())
+            pending.append(doc_id)
+            docs_file.write(line)
+            yield text
+
+    try:
+        with tmp_docs.open("wb") as docs_file:
+            for _, vectors in encoder.iter_chunks(texts(docs_file), chunk_size=chunk_size, total=expected,
+                                                  show_progress=show_progress, desc="index"):  # fmt: skip
+                if vector_index is None:
+                    vector_index = open_index(index, out_dim, capacity=expected, **options)
+                    probe = None if vector_index.exact else RecallProbe()
+                ids = pending[: len(vectors)]
+                del pending[: len(vectors)]
+                vector_index.add(ids, vectors)
+                if probe is not None:
+                    probe.add(vectors)
+        if vector_index is None:
+            raise QembedError(f"{corpus}: the corpus is empty")
+        recall = round(probe.recall(vector_index), 4) if probe is not None else None
+        vector_index.save(vectors_tmp)
+    except BaseException:
+        if vector_index is not None and backend == "milvus":
+            vector_index.close()  # a failed build drops the new collection
+        raise
+    count = offsets.size
+    np.save(output / ".docs.offsets.tmp.npy", offsets.array())
     # Swap the new files in (each rename is atomic; the manifest comes last).
     shutil.rmtree(output / "vectors", ignore_errors=True)
     vectors_tmp.rename(output / "vectors")
@@ -159,15 +231,26 @@ def build_index(
     local = Path(embedder.name_or_path).expanduser()
     manifest = Manifest(
         model=str(local.resolve()) if local.is_dir() else embedder.name_or_path, fingerprint=embedder.fingerprint, dim=out_dim,
-        document_prompt=embedder.document_prompt, count=len(ids), index=index,
+        document_prompt=embedder.document_prompt, count=count, index=index,
         built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         build_seconds=round(time.perf_counter() - start, 3), encoded=stats.encoded,
         collection=collection if backend == "milvus" else None, recall_at_10=recall,
     )  # fmt: skip
     atomic_write_json(output / MANIFEST, asdict(manifest), indent=1)
+    (output / BUILD_MARKER).unlink(missing_ok=True)
     if replaced is not None and replaced[1] == previous.collection:  # switched: the old collection can go
         drop_collection(*replaced, token=token)
     return BuildResult(manifest, encoded=stats.encoded, cached=stats.hits)
+
+
+def corpus_path_of(corpus: str | Path) -> Path:
+    """The corpus file (a BEIR folder's corpus.jsonl); a one-line error when it does not exist."""
+    from qembed.data.corpus import corpus_path
+
+    path = corpus_path(corpus)
+    if not path.is_file():
+        raise QembedError(f"corpus file not found: {path}")
+    return path
 
 
 class SearchIndex:

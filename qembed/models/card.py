@@ -229,6 +229,7 @@ def train_card(output: str | Path, cfg, *, records: Sequence = (), eval_split: s
                steps: int = 0, best_step: int | None = None) -> Path:  # fmt: skip
     """The card of a `qembed train` output: the training data and configuration, and the evaluation of the saved
     weights from `train_log.jsonl` (the best step's when they were loaded, else the last step's)."""
+    from qembed.data.beir import dataset_name
     from qembed.train.config import CONFIG_FILE, saved_record
 
     output = Path(output)
@@ -237,7 +238,7 @@ def train_card(output: str | Path, cfg, *, records: Sequence = (), eval_split: s
     wanted = best_step if best_step is not None else steps
     chosen = next((r for r in evals if r.get("step") == wanted), None)
     if chosen is not None and cfg.eval_dataset:
-        evaluations.append(Evaluation(Path(cfg.eval_dataset).name, eval_split or cfg.eval_split, chosen["eval"],
+        evaluations.append(Evaluation(dataset_name(cfg.eval_dataset), eval_split or cfg.eval_split, chosen["eval"],
                                       label=f"step {chosen['step']}"))  # fmt: skip
     unused = {*(() if cfg.lora else ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "merge_lora")),
               *(() if cfg.eval_dataset else ("eval_steps", "eval_split", "eval_metric", "load_best"))}

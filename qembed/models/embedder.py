@@ -97,7 +97,8 @@ class Embedder:
                 self.default_instruction = instruction
             else:
                 self.query_prompt = query_prompt
-        elif self.pooling == "lasttoken" and getattr(model.config, "model_type", "").startswith("qwen"):
+        elif "query" not in info.prompts and self.pooling == "lasttoken" and \
+                getattr(model.config, "model_type", "").startswith("qwen"):  # an empty query prompt: no instruction
             self.default_instruction = prompts.DEFAULT_QUERY_INSTRUCTION
         self.fingerprint = weights_fingerprint(model_dir, self.pooling, self.max_length, info.normalize, "fmt-1")
         self.matryoshka = declares_matryoshka(model_dir)  # else `dim` warns once
@@ -254,17 +255,31 @@ class Embedder:
         if not texts:
             return np.zeros((0, out_dim), dtype=np.float32)
         token_ids = self.prepare(texts, instruction=instruction, prompt=prompt)
-        batching = self.batching
-        batches = token_budget_batches([len(ids) for ids in token_ids], batch_tokens or batching.batch_tokens,
-                                       min_batch_tokens=batching.min_batch_tokens)  # fmt: skip
-        result = np.empty((len(texts), self.hidden_size), dtype=np.float32)
         show = (None if len(texts) >= _AUTO_PROGRESS_FROM else False) if show_progress is None else show_progress
-        with torch.inference_mode(), progress_bar(total=len(texts), enabled=show, desc="encode", unit="text") as bar:
-            for indices in batches:
-                vectors = self.forward_features(self.collate([token_ids[i] for i in indices]))
-                result[indices] = vectors.float().cpu().numpy()
-                bar.update(len(indices))
+        result = self.encode_token_ids(token_ids, batch_tokens=batch_tokens, show_progress=show)
         return truncate_and_normalize(result, dim, normalize)
+
+    def token_batches(self, token_ids: Sequence[Sequence[int]], batch_tokens: int | None = None) -> list[list[int]]:
+        """Indices of `token_ids` grouped into the model family's token-budget batches (`token_budget_batches`)."""
+        batching = self.batching
+        return token_budget_batches([len(ids) for ids in token_ids], batch_tokens or batching.batch_tokens,
+                                    min_batch_tokens=batching.min_batch_tokens)  # fmt: skip
+
+    def encode_batch(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Full-size, unnormalised float32 rows of one batch of prepared token ids (one forward pass)."""
+        with torch.inference_mode():
+            return self.forward_features(self.collate(token_ids)).float().cpu().numpy()
+
+    def encode_token_ids(self, token_ids: Sequence[Sequence[int]], *, batch_tokens: int | None = None,
+                         show_progress: bool | None = False) -> np.ndarray:  # fmt: skip
+        """Full-size, unnormalised float32 rows `(len(token_ids), hidden)` of already prepared token ids
+        (`prepare`), in input order, in token-budget batches."""
+        result = np.empty((len(token_ids), self.hidden_size), dtype=np.float32)
+        with progress_bar(total=len(token_ids), enabled=show_progress, desc="encode", unit="text") as bar:
+            for indices in self.token_batches(token_ids, batch_tokens):
+                result[indices] = self.encode_batch([token_ids[i] for i in indices])
+                bar.update(len(indices))
+        return result
 
     def encode_queries(self, queries: Sequence[str], *, instruction: QueryFormat | str | None = MODEL_DEFAULT,
                        **kwargs) -> np.ndarray:  # fmt: skip

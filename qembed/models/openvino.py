@@ -1,6 +1,6 @@
 """The int8 CPU path of the Embedder: the transformer exported to OpenVINO and quantised to int8 with NNCF.
 
-Chosen by measurement (`bench/bench_embed.py`, README "CPU fast paths"): on the development CPU (AVX-512
+Chosen by measurement (`bench/bench_embed.py`, docs/inference.md "CPU fast paths"): on the development CPU (AVX-512
 VNNI and BF16, no AMX), against PyTorch fp32 on all-MiniLM-L6-v2, OpenVINO ran at 3.3x (it computes in bf16
 where the CPU can), ONNX Runtime dynamic int8 at 2.7x, PyTorch dynamic int8 at 1.9x, and OpenVINO with
 weights *and* activations in int8 (static quantisation, this module) at 5.5x. Static quantisation needs sample

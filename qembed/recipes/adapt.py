@@ -1,6 +1,6 @@
 """`qembed adapt`: adapt an embedder to a domain in one resumable run.
 
-    data -> baseline -> negatives -> train -> merge -> [reranker] -> final -> report
+    data -> baseline -> instruction -> negatives -> train -> merge -> [reranker] -> final -> report
 
 Each stage is a few calls into the library, working in `OUTPUT/<stage>/`; `qembed.recipes.stages` skips
 finished stages, resumes interrupted ones and reruns changed ones. Only the dev split drives choices
@@ -21,28 +21,50 @@ from qembed.errors import QembedError
 from qembed.eval.evaluate import evaluate
 from qembed.models.prompts import MODEL_DEFAULT
 from qembed.recipes.adapt_config import source_of
+from qembed.recipes.adapt_instruction import (
+    FinalInstructions,
+    check_instruction_config,
+    run_instruction_stage,
+)
 from qembed.recipes.stages import Pipeline, Stage
 
 MODES = {"default": MODEL_DEFAULT, "none": None}
+# train options that do not change the trained weights (training allows changing them on resume): left out
+# of the train stage's fingerprint, so changing one resumes an interrupted training instead of restarting it
+TRAIN_RUN_OPTIONS = ("device", "precision", "save_steps", "save_minutes", "evaluations")
 
 
 def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
     """The stages of an adapt run for the resolved configuration `cfg`."""
     out = Path(cfg["output"])
     beir = out / "data" / "beir"
-    cache = cfg["eval"]["cache_dir"] or str(out / "cache")
+    cache = cfg["eval"]["cache_dir"]  # None: the shared cache, so `index build` with best/ encodes nothing new
     data, ev = cfg["data"], cfg["eval"]
     modes = [MODES[m] for m in ev["instruction_modes"]]
     base = cfg["model"]
     mined = out / "negatives" / "mined.jsonl"
 
-    def run_eval(models, split, folder, dataset=beir, **kw):
-        return evaluate(models, dataset, split=split, instruction=modes, k=ev["k"], index=ev["index"],
+    def run_eval(models, split, folder, dataset=beir, instruction=modes, **kw):
+        return evaluate(models, dataset, split=split, instruction=instruction, k=ev["k"], index=ev["index"],
                         cache_dir=cache, output=folder, show_progress=show_progress, **kw)  # fmt: skip
+
+    def search(model, candidates):  # the dev split only
+        from qembed.eval.instruction_search import search_instruction
+
+        return search_instruction(model, beir, candidates, split="dev", metric=ev["metric"], k=ev["k"],
+                                  index=ev["index"], cache_dir=cache, show_progress=show_progress)  # fmt: skip
 
     def stage_data(folder: Path) -> None:
         sizes = SplitSizes(data["dev_fraction"], data["test_fraction"], data["max_dev"], data["max_test"])
         summary: dict = {"source": source_of(cfg)}
+        if summary["source"] == "qa":  # the split of `qembed data qa-to-beir`: one function for both verbs
+            conversion = _qa_source(cfg, beir, sizes)
+            summary["conversion"] = [line for line in conversion.lines() if not line.startswith("split:")]
+            counts = {"train": conversion.num_train, "dev": conversion.num_dev, "test": conversion.num_test}
+            summary.update(documents=conversion.num_docs, **{f"{k}_queries": v for k, v in counts.items()})
+            (folder / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+            print(f"corpus {conversion.num_docs} documents; queries: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            return
         if summary["source"] == "dataset":
             src = Path(data["dataset"])
             corpus, queries = read_corpus(src, keep_blank=True), read_queries(src / "queries.jsonl")
@@ -50,7 +72,7 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
                            for name in ("train", "test"))  # fmt: skip
             qrels = carve_dev(train, test, sizes, seed=cfg["seed"])
         else:
-            corpus, queries, judged = (_qa_source if summary["source"] == "qa" else _llm_source)(cfg, folder, summary)
+            corpus, queries, judged = _llm_source(cfg, folder, summary)
             qrels = split_queries(judged, sizes, seed=cfg["seed"])
         write_beir(beir, corpus, {q: queries[q] for split in qrels.values() for q in split}, qrels)
         summary.update(documents=len(corpus), **{f"{k}_queries": len(v) for k, v in qrels.items()})
@@ -60,6 +82,9 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
     def stage_baseline(folder: Path) -> None:
         for split in ("dev", "test"):
             run_eval([base, *cfg["compare_models"]], split, folder / split)
+
+    def stage_instruction(folder: Path) -> None:
+        run_instruction_stage(cfg, beir, folder, search)
 
     def stage_negatives(folder: Path) -> None:
         from qembed.mine import mine_hard_negatives
@@ -82,6 +107,7 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
             eval_metric=ev["metric"], progress=show_progress is not False, **options,
         ))  # fmt: skip
         print(f"trained {result.steps} steps; last loss {result.losses[-1]:.4f}" if result.losses else "trained")
+        _drop_checkpoints(folder / "model", cfg)
 
     def stage_merge(folder: Path) -> None:
         from qembed.merge import merge_models
@@ -95,6 +121,9 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
                 curve.append({"t": t, **{key: entry[key] for key in ("instruction", "query_format", "metrics")}})
         best = max(curve, key=lambda c: (c["metrics"][ev["metric"]], c["t"]))
         (folder / "curve.json").write_text(json.dumps({"best_t": best["t"], "curve": curve}, indent=2))
+        for t in map(float, cfg["merge"]["t"]):  # keep the chosen candidate only (t = 1 is train/model itself)
+            if t != best["t"] or t == 1.0:
+                shutil.rmtree(folder / f"t{t}", ignore_errors=True)
         print("dev " + ev["metric"] + " by t: " + ", ".join(f"{c['t']}: {100 * c['metrics'][ev['metric']]:.2f}"
                                                              for c in curve) + f"; best t = {best['t']}")  # fmt: skip
 
@@ -106,13 +135,14 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
         rr.pop("rerank_top")
         train_reranker(TrainConfig(model=model, data=[str(mined)], output=str(folder / "model"), resume=True,
                                    seed=cfg["seed"], progress=show_progress is not False, save_steps=50, **rr))  # fmt: skip
+        _drop_checkpoints(folder / "model", cfg)
 
     def variants() -> list[tuple[str, str, str | None]]:
         """(name, embedder folder, reranker) evaluated at the end."""
         best_t = json.loads((out / "merge" / "curve.json").read_text())["best_t"]
-        tuned = out / "merge" / "t1.0" if 1.0 in map(float, cfg["merge"]["t"]) else out / "train" / "model"
-        rows = [("base", base, None), ("fine-tuned", str(tuned), None),
-                (f"merged t={best_t}", str(out / "merge" / f"t{best_t}"), None)]  # fmt: skip
+        tuned = out / "train" / "model"
+        merged = tuned if float(best_t) == 1.0 else out / "merge" / f"t{best_t}"
+        rows = [("base", base, None), ("fine-tuned", str(tuned), None), (f"merged t={best_t}", str(merged), None)]
         if cfg["reranker"]["model"]:
             best = rows[-1][1]
             rows += [("merged + base reranker", best, cfg["reranker"]["model"]),
@@ -125,10 +155,13 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
         sets = [("dev", beir), ("test", beir)]
         if ev["retention_dataset"]:
             sets.append(("retention", Path(ev["retention_dataset"])))
+        chosen = FinalInstructions(cfg, out, folder, search) if searching else None
         for name, model, reranker in variants():
+            settings = [chosen.chosen(name, model), *modes] if chosen else modes  # the choice first: it wins ties
             for split, dataset in sets:
                 extra = {"reranker": reranker, "rerank_top": cfg["reranker"]["rerank_top"]} if reranker else {}
-                for entry in run_eval([model], "dev" if split == "dev" else "test", None, dataset=dataset, **extra):
+                for entry in run_eval([model], "dev" if split == "dev" else "test", None, dataset=dataset,
+                                      instruction=settings, **extra):  # fmt: skip
                     results.append({"variant": name, "set": split, **entry})
         (folder / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
 
@@ -137,21 +170,32 @@ def build_pipeline(cfg: dict, *, show_progress: bool | None = None) -> Pipeline:
 
         write_report(cfg, out, pipeline.seconds())
 
+    searching = cfg["instruction"]["search"]
     stages = [
         Stage("data", stage_data, {"data": data, "seed": cfg["seed"]}, inputs=_inputs(cfg)),
         Stage("baseline", stage_baseline, {"models": [base, *cfg["compare_models"]], "eval": ev}, ["data"]),
+    ]
+    if searching:
+        llm = [data["llm_base_url"], data["llm_model"]] if data["llm_base_url"] else None
+        search_on = {key: ev[key] for key in ("metric", "k", "index")}
+        stages.append(Stage("instruction", stage_instruction, {"model": base, "instruction": cfg["instruction"],
+                                                               "llm": llm, "eval": search_on}, ["data"]))  # fmt: skip
+    stages += [
         Stage("negatives", stage_negatives, {"model": base, "negatives": cfg["negatives"], "index": ev["index"]},
               ["data"]),  # fmt: skip
-        Stage("train", stage_train, {"model": base, "train": cfg["train"], "metric": ev["metric"]},
-              ["data", "negatives"]),  # fmt: skip
+        Stage("train", stage_train, {"model": base, "metric": ev["metric"],
+                                     "train": {k: v for k, v in cfg["train"].items() if k not in TRAIN_RUN_OPTIONS}},
+              ["data", "negatives"], on_resume=_checkpoint_note),  # fmt: skip
         Stage("merge", stage_merge, {"merge": cfg["merge"], "eval": ev}, ["train"]),
     ]
     if cfg["reranker"]["model"]:
-        stages.append(Stage("reranker", stage_reranker, {"reranker": cfg["reranker"]}, ["negatives"]))
-    final_after = ["data", "merge", *(["reranker"] if cfg["reranker"]["model"] else [])]
+        stages.append(Stage("reranker", stage_reranker, {"reranker": cfg["reranker"]}, ["negatives"],
+                            on_resume=_checkpoint_note))  # fmt: skip
+    final_after = ["data", "merge", *(["reranker"] if cfg["reranker"]["model"] else []),
+                   *(["instruction"] if searching else [])]  # fmt: skip
     stages.append(Stage("final", stage_final, {"eval": ev, "rerank_top": cfg["reranker"]["rerank_top"]}, final_after))
     stages.append(Stage("report", stage_report, {}, [s.name for s in stages]))
-    pipeline = Pipeline(out, stages)
+    pipeline = Pipeline(out, stages, also_writes=("best",))
     return pipeline
 
 
@@ -160,18 +204,29 @@ def _inputs(cfg: dict) -> list[str]:
     return [*data["qa"], *([data["corpus"]] if data["corpus"] else []), *([data["dataset"]] if data["dataset"] else [])]
 
 
-def _qa_source(cfg: dict, folder: Path, summary: dict):
-    """QA files -> (corpus, queries, qrels of all queries) via `qa_to_beir` (answers are the corpus)."""
+def _checkpoint_note(folder: Path) -> str | None:
+    """What resuming a training stage will do: nothing to say when it has a checkpoint."""
+    from qembed.train.checkpoint import list_checkpoints
+
+    return None if list_checkpoints(folder / "model" / "checkpoints") else "no checkpoint yet: training restarts"
+
+
+def _drop_checkpoints(model: Path, cfg: dict) -> None:
+    """Training is done: its checkpoints (in the stage's own folder) go, unless `keep_checkpoints`."""
+    if not cfg["keep_checkpoints"]:
+        shutil.rmtree(model / "checkpoints", ignore_errors=True)
+
+
+def _qa_source(cfg: dict, beir: Path, sizes: SplitSizes):
+    """QA files -> the BEIR folder `beir` with train / dev / test qrels (`qa_to_beir`, as `qembed data
+    qa-to-beir` with the same fields, sizes and seed)."""
     from qembed.data.qa_to_beir import qa_to_beir
 
     data = cfg["data"]
-    conversion = qa_to_beir(data["qa"], folder / "qa", question_field=data["question_field"],
-                            answer_field=data["answer_field"], format=data["format"], encoding=data["encoding"])  # fmt: skip
-    summary["conversion"] = [line for line in conversion.lines() if not line.startswith("split:")]
-    qrels = {**read_qrels(folder / "qa" / "qrels" / "train.tsv"), **read_qrels(folder / "qa" / "qrels" / "test.tsv")}
-    corpus, queries = read_corpus(folder / "qa" / "corpus.jsonl"), read_queries(folder / "qa" / "queries.jsonl")
-    shutil.rmtree(folder / "qa")
-    return corpus, queries, qrels
+    return qa_to_beir(data["qa"], beir, question_field=data["question_field"], answer_field=data["answer_field"],
+                      format=data["format"], encoding=data["encoding"], num_queries=sizes.max_test,
+                      test_fraction=sizes.test_fraction, dev_fraction=sizes.dev_fraction, max_dev=sizes.max_dev,
+                      seed=cfg["seed"])  # fmt: skip
 
 
 def _llm_source(cfg: dict, folder: Path, summary: dict):
@@ -206,8 +261,9 @@ def _llm_source(cfg: dict, folder: Path, summary: dict):
 
 
 def check_config(cfg: dict, *, check_sources: bool = True) -> None:
-    """One-line errors for bad options, before any long work (the LLM server is asked once, briefly)."""
-    from qembed.data.qa_to_beir import read_rows
+    """One-line errors for bad options, models and paths (`check_inputs`), before any long work; with
+    `check_sources` the LLM server is asked once, briefly."""
+    from qembed.data.qa_to_beir import read_qa
 
     for key in ("model", "output"):
         if not cfg[key]:
@@ -217,18 +273,21 @@ def check_config(cfg: dict, *, check_sources: bool = True) -> None:
         raise QembedError(f"eval.instruction_modes must be a list of {' / '.join(MODES)}, got {bad}")
     if not cfg["merge"]["t"] or not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in cfg["merge"]["t"]):
         raise QembedError(f"merge.t must be a list of numbers in [0, 1], got {cfg['merge']['t']}")
+    check_instruction_config(cfg)
     if cfg["train"]["batch_size"] < 2 or cfg["train"]["epochs"] < 1:
         raise QembedError("train.batch_size must be at least 2 and train.epochs at least 1")
     source, data = source_of(cfg), cfg["data"]
-    if source == "qa":
-        if not data["question_field"] or not data["answer_field"]:
-            raise QembedError("--qa needs --question-field and --answer-field")
-        if check_sources:
-            for path in data["qa"]:
-                rows = read_rows(Path(path), format=data["format"], encoding=data["encoding"])
-                for field in (data["question_field"], data["answer_field"]):
-                    if not any(field in row for row in rows):
-                        raise QembedError(f"{path}: no row has the field {field!r} (fields: {sorted(rows[0]) if rows else []})")
+    check_inputs(cfg)
+    if source == "qa":  # the files are read (cheap) to tell SQuAD JSON, which needs no field names
+        for path in data["qa"]:
+            rows, squad = read_qa(Path(path), format=data["format"], encoding=data["encoding"])
+            if squad:
+                continue
+            if not data["question_field"] or not data["answer_field"]:
+                raise QembedError("--qa needs --question-field and --answer-field (unless the files are SQuAD JSON)")
+            for field in (data["question_field"], data["answer_field"]):
+                if not any(field in row for row in rows):
+                    raise QembedError(f"{path}: no row has the field {field!r} (fields: {sorted(rows[0]) if rows else []})")
     elif source == "llm":
         if not data["llm_base_url"] or not data["llm_model"]:
             raise QembedError("--corpus needs --llm-base-url and --llm-model (the LLM that writes the queries)")
@@ -241,6 +300,40 @@ def check_config(cfg: dict, *, check_sources: bool = True) -> None:
         for name in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv"):
             if not (folder / name).is_file():
                 raise QembedError(f"--dataset {folder}: {name} not found (a BEIR folder with train and test qrels)")
+    if source != "llm" and data["llm_base_url"] and cfg["instruction"]["search"] and cfg["instruction"]["llm_count"]:
+        if not data["llm_model"]:
+            raise QembedError("--llm-base-url needs --llm-model (the LLM that writes candidate instructions)")
+        if check_sources:
+            _check_reachable(data["llm_base_url"])
+
+
+def check_inputs(cfg: dict) -> None:
+    """Every model and path the run will read exists (a model: a local folder or a cached/downloadable hub
+    id), checked before the first stage and by `--dry-run`; each error names the flag that gave the value."""
+    from qembed.models.loading import resolve_model_dir
+
+    data, ev = cfg["data"], cfg["eval"]
+    source = source_of(cfg)
+    models = [("--model", cfg["model"]), *(("--compare-model", m) for m in cfg["compare_models"]),
+              ("--reranker", cfg["reranker"]["model"])]  # fmt: skip
+    paths = [*(("--qa", p) for p in data["qa"]), ("--corpus", data["corpus"]), ("--dataset", data["dataset"])]
+    if source == "llm":
+        models.append(("synth.embed_model", cfg["synth"]["embed_model"]))
+        paths.append(("synth.personas", cfg["synth"]["personas"]))
+    for flag, path in paths:
+        if path and not Path(path).exists():
+            raise QembedError(f"{flag} {path}: not found")
+    retention = ev["retention_dataset"]
+    if retention:
+        for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+            if not (Path(retention) / name).is_file():
+                raise QembedError(f"--retention-dataset {retention}: {name} not found (a BEIR folder with test qrels)")
+    for flag, name in models:
+        if name:
+            try:
+                resolve_model_dir(name)
+            except QembedError as exc:
+                raise QembedError(f"{flag} {name}: " + str(exc).replace("--model ", f"{flag} ")) from None
 
 
 def _check_reachable(base_url: str) -> None:

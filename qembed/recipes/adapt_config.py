@@ -15,19 +15,20 @@ from qembed.negatives import MiningConfig
 
 MINING = MiningConfig()
 
-# (default, comment) leaves; nested dicts are sections. The defaults and how they were chosen: README,
-# section "Adapt a model to your domain".
+# (default, comment) leaves; nested dicts are sections. The defaults and how they were chosen: docs/adapt.md,
+# "Defaults, and how they were chosen".
 SPEC: dict[str, Any] = {
     "model": (None, "base embedder to adapt: a model folder or hub id"),
     "output": (None, "run folder: one sub-folder per stage, report.md, summary.json, best/"),
     "compare_models": ([], "more embedders measured as baselines (e.g. BAAI/bge-m3)"),
     "seed": (0, "seed of the split, mining samples and training"),
+    "keep_checkpoints": (False, "keep training checkpoints once training is done (default: removed)"),
     "data": {
-        "qa": ([], "question-answer files (JSON array, JSONL or CSV); the answers become the corpus"),
-        "question_field": (None, "field of the question in the QA files"),
-        "answer_field": (None, "field of the answer in the QA files"),
+        "qa": ([], "question-answer files (JSON array, JSONL, CSV or SQuAD JSON); the answers become the corpus"),
+        "question_field": (None, "field of the question in the QA files (SQuAD: question)"),
+        "answer_field": (None, "field of the answer in the QA files (SQuAD: context, the paragraph)"),
         "encoding": ("utf-8", "text encoding of the QA files (e.g. gb18030)"),
-        "format": (None, "json | jsonl | csv (default: from the file extension)"),
+        "format": (None, "json | jsonl | csv | squad (default: from the file extension; SQuAD JSON is detected)"),
         "corpus": (None, "documents to write queries for with an LLM (corpus.jsonl, JSONL with a text field, .txt)"),
         "text_field": ("text", "text field of a JSONL corpus"),
         "llm_base_url": (None, "OpenAI-compatible server that writes the queries (with corpus)"),
@@ -50,7 +51,7 @@ SPEC: dict[str, Any] = {
         "embed_model": (None, "embedder matching personas to documents (default: the base model)"),
         "filter_threshold": (0.7, "keep a written query when its cosine to the document, by the base model, is above this"),
     },
-    "negatives": {  # the `qembed mine` defaults, but for the margin rule (see the README's adapt section)
+    "negatives": {  # the `qembed mine` defaults, but for the margin rule (see docs/adapt.md)
         "num_negatives": (MINING.num_negatives, "hard negatives mined per train query"),
         "range_min": (MINING.range_min, "candidates start at this rank (0-based)"),
         "range_max": (MINING.range_max, "and end before this rank"),
@@ -74,12 +75,14 @@ SPEC: dict[str, Any] = {
         "lora_r": (16, "LoRA rank"),
         "lora_alpha": (32, "LoRA alpha"),
         "lora_dropout": (0.05, "LoRA dropout"),
-        "grad_cache_chunk": (None, "GradCache chunk size in texts (null: plain batch)"),
+        "grad_cache_chunk": (None, "GradCache chunk size in texts (null: plain batch); bounds training memory, "
+                                   "e.g. 32: MiniLM at batch 32 x 128 tokens peaked at 2.6 GB instead of 4.9 GB"),
         "grad_accum": (1, "micro-batches per optimizer step"),
         "gradient_checkpointing": (False, "recompute activations in the backward pass"),
         "mrl_dims": (None, "Matryoshka dims, e.g. [64, 128, 256]"),
         "evaluations": (3, "dev evaluations during training (evenly spaced; 0: none)"),
         "save_steps": (50, "checkpoint every N steps (what a killed run resumes from)"),
+        "save_minutes": (10.0, "also checkpoint when this many minutes passed since the last checkpoint (0: off)"),
         "precision": ("auto", "auto | fp32 | bf16 | fp16 (autocast on GPU)"),
         "device": (None, "cpu | cuda | cuda:N (default: CUDA when present)"),
     },
@@ -96,13 +99,19 @@ SPEC: dict[str, Any] = {
         "num_negatives": (3, "negatives per positive"),
         "max_length": (512, "token limit per pair"),
     },
+    "instruction": {
+        "search": (True, "choose the query instruction on dev (the model's default, none, the closest mteb task's, "
+                         "candidates, LLM-written) for each model; best/ gets the recommended one"),
+        "candidates": ([], "more instructions to try (--instruction)"),
+        "llm_count": (3, "instructions the LLM of data.llm_base_url writes from train pairs (0: none)"),
+    },
     "eval": {
         "metric": ("ndcg@10", "dev metric behind every automatic choice (merge t, recommended variant)"),
         "k": ([1, 5, 10, 30, 100], "cut-offs reported"),
         "instruction_modes": (["default", "none"], "query instruction settings compared (model default, none)"),
         "index": ("faiss", "vector index for evaluation and mining (faiss, hnsw, milvus:PATH)"),
         "retention_dataset": (None, "general-domain BEIR folder: what the domain gain costs elsewhere"),
-        "cache_dir": (None, "embedding cache (default: OUTPUT/cache)"),
+        "cache_dir": (None, "embedding cache (default: the shared one, $QEMBED_CACHE or ~/.cache/qembed/embeddings)"),
     },
 }
 

@@ -6,8 +6,15 @@ import json
 import shutil
 from pathlib import Path
 
+from qembed.data.beir import read_qrels, read_queries
+from qembed.data.splits import write_training_queries
+from qembed.errors import QembedError
+from qembed.eval.instruction_search import write_query_prompt
 from qembed.eval.report import plot_recall
+from qembed.files import mark_owned, remove_owned_dir
 from qembed.models.card import adapt_card
+from qembed.models.prompts import QueryFormat
+from qembed.recipes.adapt_instruction import instruction_table
 
 COLUMNS = ["recall@1", "recall@5", "recall@10", "recall@30", "recall@100", "ndcg@10", "mrr@10"]
 
@@ -21,6 +28,9 @@ MODES = {"none": "no instruction", "instruction": "instruction", "prompt": "quer
 
 def _mode(entry: dict) -> str:
     """How an evaluation formatted its queries (`query_format` of `qembed.eval.evaluate`'s results)."""
+    if entry["query_format"] == "instruction" and entry.get("instruction"):
+        text = entry["instruction"]
+        return f"instruction “{text if len(text) <= 40 else text[:39] + '…'}”"
     return MODES[entry["query_format"]]
 
 
@@ -117,11 +127,18 @@ def write_report(cfg: dict, out: Path, seconds: dict[str, float]) -> dict:
     choice = recommend(results, metric)
 
     best_dir = out / "best"
-    if best_dir.exists():
-        shutil.rmtree(best_dir)
+    if best_dir.exists() and not remove_owned_dir(best_dir, "adapt"):
+        raise QembedError(f"{best_dir} exists but qembed did not create it (no adapt marker): move it away")
     from qembed.models.loading import resolve_model_dir
 
     shutil.copytree(resolve_model_dir(choice["model"]), best_dir, ignore=shutil.ignore_patterns("checkpoints", "train_log.jsonl"))
+    mark_owned(best_dir, "adapt")
+    write_query_prompt(best_dir, QueryFormat(choice["query_format"], choice["instruction"] or ""))  # serve applies it
+    if choice["variant"] != "base":  # what chose these weights, so `qembed eval` can flag a leaked test split
+        beir = out / "data" / "beir"
+        queries = read_queries(beir / "queries.jsonl")
+        write_training_queries(best_dir, {split: [queries[q] for q in read_qrels(beir / "qrels" / f"{split}.tsv")]
+                                          for split in ("train", "dev") if (beir / "qrels" / f"{split}.tsv").is_file()})  # fmt: skip
     test = [r for r in results if r["set"] == "test"]
     plot_recall([{**r, "model": r["variant"], "dim": None} for r in test], out / "recall_at_k.png")
     has_training = plot_training(out / "train" / "model" / "train_log.jsonl", metric, out / "training.png")
@@ -152,9 +169,10 @@ def write_report(cfg: dict, out: Path, seconds: dict[str, float]) -> dict:
         "## Recommendation",
         "",
         f"Deploy **{choice['variant']}** "
-        + ("without a query instruction" if choice["query_format"] == "none" else f"with the model's own {_mode(choice)}")
+        + ("without a query instruction" if choice["query_format"] == "none" else f"with the {_mode(choice)}")
         + f" (best dev {metric}: {100 * choice['dev'][metric]:.2f}; test {metric}: {100 * choice['test'][metric]:.2f},"
-        f" recall@5: {100 * choice['test'].get('recall@5', float('nan')):.2f}). It is copied to `best/`:",
+        f" recall@5: {100 * choice['test'].get('recall@5', float('nan')):.2f}). It is copied to `best/`,"
+        " with that query format as its default prompt (what `encode_queries` and `qembed serve` apply):",
         "",
         "```bash",
         serve,
@@ -163,6 +181,7 @@ def write_report(cfg: dict, out: Path, seconds: dict[str, float]) -> dict:
     ]  # fmt: skip
     dev = [r for r in results if r["set"] == "dev"]
     lines += ["## Dev results (what the choices saw)", "", results_table(dev, COLUMNS), ""]
+    lines += instruction_table(out, metric)
     retention = [r for r in results if r["set"] == "retention"]
     if retention:
         lines += [f"## Retention: {retention[0]['dataset']} (test)", "", results_table(retention, COLUMNS), ""]
@@ -188,6 +207,7 @@ def write_report(cfg: dict, out: Path, seconds: dict[str, float]) -> dict:
 
     summary = {"model": cfg["model"], "data": data, "negatives": {k: mining.get(k) for k in ("queries", "negatives")},
                "merge": merge, "results": results, "baselines": baselines, "recommendation": {**choice, "serve": serve},
+               "instruction_search": _load(out / "final" / "instructions.json"),
                "seconds": seconds}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     adapt_card(best_dir, summary, COLUMNS)

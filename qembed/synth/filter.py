@@ -82,6 +82,7 @@ def _query_vectors(records: list[dict[str, Any]], embedder: Any, options: dict[s
     """Queries encoded with their record's `instruction` (grouped by it), else the model's own."""
     import numpy as np
 
+    from qembed.encode import encode_texts
     from qembed.models.prompts import MODEL_DEFAULT
 
     groups: dict[str | None, list[int]] = {}
@@ -90,9 +91,8 @@ def _query_vectors(records: list[dict[str, Any]], embedder: Any, options: dict[s
         groups.setdefault(instruction if isinstance(instruction, str) and instruction else None, []).append(i)
     vectors = None
     for instruction, rows in groups.items():
-        encoded = np.asarray(embedder.encode_queries([records[i]["query"] for i in rows],
-                                                     instruction=MODEL_DEFAULT if instruction is None else instruction,
-                                                     **options), dtype=np.float32)  # fmt: skip
+        encoded = encode_texts(embedder, [records[i]["query"] for i in rows],
+                               instruction=MODEL_DEFAULT if instruction is None else instruction, **options)
         if vectors is None:
             vectors = np.zeros((len(records), encoded.shape[1]), dtype=np.float32)
         vectors[rows] = encoded
@@ -103,8 +103,10 @@ def _encode_pairs(records: list[dict[str, Any]], embedder: Any, options: dict[st
     """(query vectors, cosine of each query with its first positive)."""
     import numpy as np
 
+    from qembed.encode import encode_texts
+
     q = _query_vectors(records, embedder, options)
-    d = np.asarray(embedder.encode_documents([r["pos"][0] for r in records], **options), dtype=np.float32)
+    d = encode_texts(embedder, [r["pos"][0] for r in records], prompt=embedder.document_prompt, **options)
     return q, np.einsum("ij,ij->i", q, d)
 
 
@@ -127,7 +129,9 @@ def drop_llm_negatives_above_positive(records: list[dict[str, Any]], query_vecto
     owners = [(i, text) for i, r in enumerate(records) for text in llm_negatives(r)]
     if not owners:
         return records, 0, 0
-    vectors = np.asarray(embedder.encode_documents([text for _, text in owners], **options), dtype=np.float32)
+    from qembed.encode import encode_texts
+
+    vectors = encode_texts(embedder, [text for _, text in owners], prompt=embedder.document_prompt, **options)
     scores = np.einsum("ij,ij->i", query_vectors[[i for i, _ in owners]], vectors)
     above: dict[int, set[int]] = {}
     position: dict[int, int] = {}

@@ -213,6 +213,25 @@ Reply with a single JSON object and nothing else: {{"passages": ["<passage 1>", 
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
+# ------------------------------------------------------------------------------------ instruction search
+def instruction_messages(pairs: Sequence[tuple[str, str]], count: int) -> list[dict[str, str]]:
+    """Instruction search: one-sentence task instructions (the Qwen3 query instruction) for a collection, from
+    example (query, relevant passage) pairs."""
+    examples = "\n\n".join(f"Query: {query}\n<passage>\n{passage}\n</passage>" for query, passage in pairs)
+    user = f"""A text embedding model reads a one-sentence task instruction before each search query, such as \
+"Given a web search query, retrieve relevant passages that answer the query". Below are example queries of \
+one collection, each with a passage that answers it.
+
+{examples}
+
+Write {count} different one-sentence task instructions for a text embedding model, in English, for searching \
+this collection: each names what kind of query it is and what kind of passage to retrieve (for example "Given \
+a farmer's question about rice diseases, retrieve advice that answers it"), without quoting any example.
+
+Reply with a single JSON object and nothing else: {{"instructions": ["<instruction 1>", ...]}}"""
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
 # -------------------------------------------------------------------------------------------- review judge
 JUDGE_SYSTEM = "You judge search results for relevance. Answer only with the JSON object asked for."
 

@@ -22,8 +22,8 @@ EVAL_KS = {"embedder": (1, 5, 10, 100), "reranker": (1, 5, 10)}
 EVAL_METRICS = ("ndcg", "recall", "mrr")
 # options a resumed run may change: they do not alter the training trajectory
 RESUMABLE_CHANGES = frozenset(
-    {"output", "resume", "progress", "device", "precision", "save_steps", "save_total_limit", "eval_steps", "load_best",
-     "merge_lora"}
+    {"output", "resume", "progress", "device", "precision", "save_steps", "save_minutes", "save_total_limit",
+     "eval_steps", "load_best", "merge_lora"}
 )  # fmt: skip
 AUTO = frozenset({"lr", "lora", "temperature", "lora_targets"})  # None: resolved from the model
 FLAGS = {"qq_dd": "--qq-dd-terms", "lora": "--lora/--full", "merge_lora": "--no-merge-lora"}
@@ -36,7 +36,8 @@ class TrainConfig:
     `None` defaults are chosen from the model: `lora` (LoRA for models over 300M parameters, full fine-tuning
     below), `lr` (1e-4 with LoRA, 2e-5 full), `temperature` (embedder: 0.01 for last-token LLM embedders,
     0.05 for mean/CLS-pooling encoders), `lora_targets` (the attention and MLP projections of the family).
-    `fn_margin=None` turns the false-negative mask off. `eval_split="dev"` uses the dataset's dev split or,
+    `fn_margin=None` turns the false-negative mask off. A checkpoint is written every `save_steps` steps and
+    also after any step that ends `save_minutes` or more after the last one (0 or None: by steps only). `eval_split="dev"` uses the dataset's dev split or,
     without one, a seeded tenth of its train queries (see `qembed.train.evalsplit`).
     """
 
@@ -66,6 +67,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     max_length: int = 512
     save_steps: int = 500
+    save_minutes: float | None = 10.0
     save_total_limit: int | None = 2
     resume: bool = False
     eval_dataset: str | None = None
@@ -94,8 +96,8 @@ def validate(cfg: TrainConfig, recipe: str) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise QembedError(f"{flag(name)} must be at least 1, got {value}")
-    for name in ["num_negatives", "save_steps", "eval_steps", "weight_decay"]:
-        if getattr(cfg, name) < 0:
+    for name in ["num_negatives", "save_steps", "save_minutes", "eval_steps", "weight_decay"]:
+        if (getattr(cfg, name) or 0) < 0:
             raise QembedError(f"{flag(name)} must not be negative, got {getattr(cfg, name)}")
     for name in ["lr", "temperature", "max_grad_norm"]:
         value = getattr(cfg, name)

@@ -47,6 +47,9 @@ class Task:
 
 @dataclass
 class TrainResult:
+    """What a training run returns: the output folder, the optimizer steps taken, the loss per step and the
+    best evaluation (`{metric, value, step}`) when an evaluation dataset was given."""
+
     output: Path
     steps: int
     losses: list[float] = field(default_factory=list)
@@ -185,6 +188,7 @@ def run_training(
         total=total, initial=state["step"], desc="train", unit="step", enabled=None if cfg.progress and is_main else False
     )
     stop = state["step"] >= total
+    last_save = time.monotonic()
     try:
         for epoch in range(state["epoch"], cfg.epochs):
             if stop:
@@ -232,7 +236,9 @@ def run_training(
                 stop = state["step"] >= total
                 if task.evaluate and (stop or (cfg.eval_steps and state["step"] % cfg.eval_steps == 0)):
                     _evaluate(cfg, task, state, logger, ckpt_dir)
-                if cfg.save_steps and state["step"] % cfg.save_steps == 0 and not stop:
+                due = bool(cfg.save_minutes) and time.monotonic() - last_save >= 60 * cfg.save_minutes
+                if ((cfg.save_steps and state["step"] % cfg.save_steps == 0) or due) and not stop:
+                    last_save = time.monotonic()
                     if is_main:
                         checkpoint.save_checkpoint(
                             ckpt_dir,
@@ -279,6 +285,10 @@ def _evaluate(cfg: TrainConfig, task: Task, state: dict, logger, ckpt_dir: Path)
             state.update(best=value, best_step=state["step"])
             checkpoint.save_best(ckpt_dir, task.model, {"step": state["step"], cfg.eval_metric: value})
         logger.write({"step": state["step"], "split": task.eval_split, "eval": metrics, "best_step": state["best_step"]})
+        names = dict.fromkeys([cfg.eval_metric, "recall@1", "recall@5", "recall@10"])
+        shown = ", ".join(f"{k} {100 * metrics[k]:.2f}" for k in names if k in metrics)
+        print(f"step {state['step']}: {task.eval_split} {shown} (best {cfg.eval_metric} {100 * state['best']:.2f} "
+              f"at step {state['best_step']})", flush=True)
     _barrier()
 
 
