@@ -32,7 +32,7 @@ demo: $(STAMP)
 test: install-test
 	$(PYTHON) -m ruff check qembed tests bench
 	$(MAKE) docs
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 	$(MAKE) test-min-versions
 
 # The lowest transformers / tokenizers / huggingface_hub that pyproject.toml declares, in a venv over this
