@@ -26,10 +26,20 @@ def openvino_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def embedding_cache(tmp_path_factory) -> Path:
-    """The default embedding cache (`$QEMBED_CACHE`) is a session folder: tests never write ~/.cache."""
+def session_embedding_cache(tmp_path_factory) -> Path:
+    """The default embedding cache (`$QEMBED_CACHE`) of session and module fixtures is a session folder:
+    tests never write ~/.cache."""
     folder = tmp_path_factory.mktemp("embedding-cache")
     os.environ["QEMBED_CACHE"] = str(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def embedding_cache(session_embedding_cache, tmp_path_factory, monkeypatch) -> Path:
+    """Each test starts with an empty default embedding cache, so what it encodes (and the counts it checks)
+    never depends on which tests ran before it in the same worker."""
+    folder = tmp_path_factory.mktemp("test-embedding-cache")
+    monkeypatch.setenv("QEMBED_CACHE", str(folder))
     return folder
 
 

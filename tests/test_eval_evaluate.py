@@ -203,7 +203,8 @@ def test_nfcorpus_minilm_matches_published_backends_agree_and_int8_is_close(shar
 
     int8 = Embedder.from_pretrained(minilm_path, quantize="int8")
     int8_run = evaluate(int8, dataset, index="faiss", cache_dir=tmp_path / "cache", k=[10], show_progress=False)[0]
-    assert int8_run["quantize"] == "int8" and int8_run["timings"]["corpus_encoded"] == 3633  # its own vectors
+    encoded = faiss_run["timings"]["corpus_encoded"]  # distinct texts: NFCorpus repeats some documents
+    assert int8_run["quantize"] == "int8" and int8_run["timings"]["corpus_encoded"] == encoded > 3500  # its own
     fp32, quantized = faiss_run["metrics"]["ndcg@10"], int8_run["metrics"]["ndcg@10"]
     print(f"all-MiniLM-L6-v2 NFCorpus nDCG@10: int8 {100 * quantized:.2f}, fp32 {100 * fp32:.2f}")
     assert abs(quantized - fp32) <= 0.005, (quantized, fp32)

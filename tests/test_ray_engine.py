@@ -126,8 +126,7 @@ def test_embed_on_ray_equals_one_process(ray_address, corpus, minilm_path, tmp_p
     want = np.array([r["embedding"] for r in local_rows], dtype=np.float32)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     # the vectors came from the Ray actors, through the embedding cache the driver wrote
-    shards = list((tmp_path / "cache").rglob("*.keys.npy"))
-    assert sum(len(np.load(p)) for p in shards) == DOCS and len(shards) >= DOCS // 256
+    assert _cached_rows(tmp_path / "cache") == DOCS
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +145,11 @@ def local_index(corpus, tiny_embedder_path, tmp_path_factory) -> Path:
     return out
 
 
+def _cached_rows(cache: Path) -> int:
+    """Rows an embedding cache folder holds on disk (its `.keys` files: 20 bytes per row)."""
+    return sum(p.stat().st_size for p in cache.rglob("*.keys")) // 20
+
+
 def _same_index(got: Path, want: Path) -> None:
     assert (got / "docs.jsonl").read_bytes() == (want / "docs.jsonl").read_bytes()  # ids, texts, order
     np.testing.assert_array_equal(np.load(got / "docs.offsets.npy"), np.load(want / "docs.offsets.npy"))
@@ -155,9 +159,9 @@ def _same_index(got: Path, want: Path) -> None:
 
 
 def test_index_build_on_ray_equals_one_process(ray_address, corpus, tiny_embedder_path, local_index, tmp_path):
-    out = tmp_path / "ray-index"
+    out = tmp_path / "ray-index"  # a cache of its own: the session's shared one holds the reference's vectors
     done = _qembed("index", "build", "--model", str(tiny_embedder_path), "--corpus", str(corpus),
-                   "--output", str(out), *_ray(ray_address))  # fmt: skip
+                   "--output", str(out), "--cache-dir", str(tmp_path / "cache"), *_ray(ray_address))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"indexed {DOCS} documents" in done.stdout and f"{DOCS} encoded, 0 from the cache" in done.stdout
     _same_index(out, local_index)
@@ -166,18 +170,18 @@ def test_index_build_on_ray_equals_one_process(ray_address, corpus, tiny_embedde
 
 
 def test_killed_ray_build_resumes(ray_address, corpus, tiny_embedder_path, local_index, tmp_path):
-    out = tmp_path / "index"
+    out, cache = tmp_path / "index", tmp_path / "cache"
     args = ["index", "build", "--model", str(tiny_embedder_path), "--corpus", str(corpus), "--output", str(out),
-            *_ray(ray_address, batch=32)]  # fmt: skip
+            "--cache-dir", str(cache), *_ray(ray_address, batch=32)]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "qembed", *args], env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
-    while len(list(out.glob("cache/*/*.keys.npy"))) < 4 and proc.poll() is None and time.monotonic() < deadline:
+    while _cached_rows(cache) < 4 * 32 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
-    cached = sum(len(np.load(p)) for p in out.glob("cache/*/*.keys.npy"))
+    cached = _cached_rows(cache)
     assert 0 < cached < DOCS
     done = _qembed(*args)
     assert done.returncode == 0, done.stderr[-3000:]

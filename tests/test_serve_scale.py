@@ -163,7 +163,7 @@ def test_rebuild_switches_to_a_new_collection_when_complete(milvus_uri, milvus, 
     (tmp_path / "first.jsonl").write_text("\n".join(lines[:20]) + "\n", encoding="utf-8")
     folder = tmp_path / "idx"
     build = ["index", "build", "--model", str(tiny_embedder_path), "--output", str(folder), "--index",
-             f"milvus:{milvus_uri}"]  # fmt: skip
+             f"milvus:{milvus_uri}", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip  (a cache of its own)
     assert main([*build, "--corpus", str(tmp_path / "first.jsonl")]) == 0
     old = Manifest.read(folder)
     assert old.recall_at_10 is None  # FLAT: exact, nothing to measure
