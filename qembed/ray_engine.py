@@ -162,18 +162,14 @@ class _EncodeActor:
         self.hidden = self.embedder.hidden_size
 
     def _documents(self, batch: dict) -> tuple[list[str], list[str]]:
-        from qembed.data.corpus import _parse
+        from qembed.data.corpus import parse_corpus_line
 
         if "text" in batch:  # texts given in memory: the id is the position
             return [str(i) for i in batch["id"]], [str(t) for t in batch["text"]]
-        jsonl = self.path.suffix == ".jsonl"
         ids, texts = [], []
         for raw, number in zip(batch["line"], batch["number"]):
-            raw = bytes(raw)
-            if jsonl and not raw.strip():
-                continue  # not a record
-            doc = _parse(raw, self.path, int(number), self.text_field, jsonl)
-            if doc.text or self.keep_blank:
+            doc = parse_corpus_line(bytes(raw), self.path, int(number), self.text_field)
+            if doc is not None and (doc.text or self.keep_blank):
                 ids.append(doc.doc_id)
                 texts.append(doc.text)
         return ids, texts
@@ -318,11 +314,6 @@ def _user_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def cached_keys(cache) -> np.ndarray:
-    """The text keys an `EmbeddingCache` holds, as a sorted `S20` array."""
-    return cache.all_keys()
-
-
 def fill_cache(encoder, corpus: str | Path | Sequence[str], options: RayOptions | None = None, *,
                text_field: str = "text", keep_blank: bool = False, show_progress: bool | None = None) -> int:  # fmt: skip
     """Encode on Ray every text of `corpus` that `encoder` (a `CachedEncoder`) has not cached yet, writing
@@ -332,7 +323,7 @@ def fill_cache(encoder, corpus: str | Path | Sequence[str], options: RayOptions 
     new = 0
     for block in encode_corpus(encoder.embedder, corpus, query_format=encoder.query_format,
                                batch_tokens=encoder.batch_tokens, text_field=text_field, keep_blank=keep_blank,
-                               skip=cached_keys(cache), options=options, show_progress=show_progress):  # fmt: skip
+                               skip=cache.all_keys(), options=options, show_progress=show_progress):  # fmt: skip
         keys = block.key_list()
         new += sum(1 for key in set(keys) if key not in cache)
         cache.add(keys, block.vectors)

@@ -186,9 +186,9 @@ def _iter_with_offsets(path: Path, text_field: str, keep_blank: bool,
     ids = UniqueIds(path, "document id", lambda: iter_ids(path)) if checked else None
     blank = 0
     for number, offset, raw in iter_lines(path):
-        if jsonl and not raw.strip():
+        doc = parse_corpus_line(raw, path, number, text_field)
+        if doc is None:
             continue  # not a record
-        doc = _parse(raw, path, number, text_field, jsonl)
         if ids is not None:
             ids.add(doc.doc_id, number)
         if doc.text or keep_blank:
@@ -197,6 +197,15 @@ def _iter_with_offsets(path: Path, text_field: str, keep_blank: bool,
             blank += 1
     if blank:
         log.warning("%s: skipped %d blank document(s)", path, blank)
+
+
+def parse_corpus_line(raw: bytes, path: Path, number: int, text_field: str = "text") -> Document | None:
+    """The document on line `number` of a corpus file (a `.jsonl` record or a `.txt` line), or None for a
+    blank `.jsonl` line (not a record); a bad record raises `QembedError` naming `path:number`."""
+    jsonl = path.suffix == ".jsonl"
+    if jsonl and not raw.strip():
+        return None
+    return _parse(raw, path, number, text_field, jsonl)
 
 
 def _parse(raw: bytes, path: Path, number: int, text_field: str, jsonl: bool) -> Document:

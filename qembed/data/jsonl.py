@@ -147,23 +147,25 @@ def check_unique_ids(path: str | Path, what: str, numbered_ids: Iterable[tuple[i
     """`UniqueIds`' rule in bounded memory, for files too large to hold their ids: 8 bytes per id (a hash in
     a numpy array, sorted once at the end); only when two hashes are equal is the file read again, with the
     suspects' ids in a set, to name both lines. Returns how many ids were read."""
-    import hashlib
-
     import numpy as np
 
-    hashes = np.fromiter((int.from_bytes(hashlib.blake2b(item_id.encode("utf-8", "surrogatepass"),
-                                                           digest_size=8).digest(), "little", signed=True)
-                          for _, item_id in numbered_ids), dtype=np.int64)  # fmt: skip
+    hashes = np.fromiter((_id_hash(item_id) for _, item_id in numbered_ids), dtype=np.int64)
     hashes.sort()
     same = hashes[1:][hashes[1:] == hashes[:-1]]
     if len(same):
         suspects = set(same.tolist())
         ids = UniqueIds(path, what, reread)
         for number, item_id in reread():
-            digest = hashlib.blake2b(item_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-            if int.from_bytes(digest, "little", signed=True) in suspects:
+            if _id_hash(item_id) in suspects:
                 ids.add(item_id, number)
     return len(hashes)
+
+
+def _id_hash(item_id: str) -> int:
+    import hashlib
+
+    digest = hashlib.blake2b(item_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def read_jsonl(path: str | Path, **kwargs: Any) -> list[dict[str, Any]]:
