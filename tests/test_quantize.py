@@ -15,6 +15,7 @@ from qembed.cache import CacheStats
 from qembed.cli import main
 from qembed.encode import encode_with_cache
 from qembed.errors import QembedError
+from qembed.models.batching import bucket_up
 from qembed.models.prompts import format_query
 
 TEXTS = ["how do I control rice blast?", "Rice blast is controlled with resistant varieties and balanced nitrogen.",
@@ -47,6 +48,26 @@ def test_int8_vectors_close_to_fp32_with_the_same_semantics(embedders, one_torch
     head = full[:, :32] / np.linalg.norm(full[:, :32], axis=1, keepdims=True)
     assert small.shape == (len(TEXTS), 32) and np.allclose(small, head, atol=1e-5)
     assert (small * fp32.encode(TEXTS, dim=32)).sum(axis=1).min() >= 0.99
+
+
+def test_int8_runs_in_bucketed_shapes_and_padding_changes_nothing(embedders, minilm_path, one_torch_thread):
+    """OpenVINO keeps kernels and buffers per input shape, so every batch runs padded to ladder shapes (left
+    padding for the Qwen3 decoder, right for MiniLM) and the padding leaves the real tokens' states as they
+    are in the exact shape."""
+    texts = ["rice " * n + "blast" for n in range(1, 80)]
+    for int8 in (embedders[1], Embedder.from_pretrained(minilm_path, quantize="int8")):
+        encoder, compiled = int8.inference_model, int8.inference_model.compiled
+        shapes: list[tuple[int, int]] = []
+        encoder.compiled = lambda feed, run=compiled, seen=shapes: (seen.append(feed["input_ids"].shape), run(feed))[1]
+        int8.encode(texts, batch_tokens=700)
+        assert shapes and all(size == bucket_up(size) for shape in shapes for size in shape)
+        batch = int8.collate(int8.prepare(texts[8:17]))  # 9 rows, 11+ columns: not ladder sizes
+        rows, width = batch["input_ids"].shape
+        assert (bucket_up(rows), bucket_up(width)) != (rows, width)
+        exact = compiled({name: batch[name].numpy() for name in encoder.inputs})[0]
+        padded = encoder(**batch).last_hidden_state.numpy()
+        real = batch["attention_mask"].numpy().astype(bool)
+        assert padded.shape == exact.shape and np.allclose(padded[real], exact[real], atol=1e-4)
 
 
 def test_quantised_model_is_kept_and_read_back(embedders, tiny_embedder_path, openvino_cache, one_torch_thread):

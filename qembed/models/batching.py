@@ -1,4 +1,10 @@
-"""Token-budget batching: sort by length, cut batches so that (rows x longest row) stays under a budget."""
+"""Token-budget batching: sort by length, cut batches so that (rows x longest row) stays under a budget.
+
+Runtimes that compile a kernel set per input shape (OpenVINO) keep every shape they have seen, so a corpus
+encoded in batches of every possible (rows, width) grows their memory without bound (1.2 GB over 30K
+documents for all-MiniLM-L6-v2 int8). With `shape_buckets=True` batches are cut for, and padded to, sizes from
+a short geometric ladder (`bucket_up`: four sizes per octave), which bounds the number of shapes.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,22 @@ from dataclasses import dataclass
 import torch
 
 
+def _step(n: int) -> int:
+    return 1 << max(0, n.bit_length() - 3)
+
+
+def bucket_up(n: int) -> int:
+    """The smallest size of the ladder 1..8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... that holds `n`
+    (four sizes per octave: at most 25 % padding)."""
+    step = _step(n)
+    return -(-n // step) * step
+
+
+def bucket_down(n: int) -> int:
+    """The largest size of the `bucket_up` ladder not above `n` (n >= 1)."""
+    return n // _step(n) * _step(n)
+
+
 def token_budget_batches(
     lengths: Sequence[int],
     batch_tokens: int,
@@ -15,6 +37,7 @@ def token_budget_batches(
     max_batch_size: int = 512,
     min_batch_tokens: int = 256,
     max_padding: float = 0.05,
+    shape_buckets: bool = False,
 ) -> list[list[int]]:
     """Indices grouped into batches, longest texts first.
 
@@ -22,18 +45,24 @@ def token_budget_batches(
     the budget gets a batch of its own). Once a batch holds `min_batch_tokens` real tokens, which is enough to
     keep the matrix products efficient, it also closes before a text more than `max_padding` shorter than
     its longest, so padding stays a small fraction of the work.
+
+    `shape_buckets`: the batch will be padded to `(bucket_up(rows), bucket_up(width))`, so its width counts
+    as `bucket_up(longest)`, a full batch holds `bucket_down` of the rows that fit (no row padding), and the
+    padding rule compares buckets.
     """
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+    size = bucket_up if shape_buckets else (lambda n: n)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
     real_tokens = 0
     for index in order:
         if current:
-            longest = lengths[current[0]]  # sorted descending: the first item of a batch is its longest
-            full = (len(current) + 1) * longest > batch_tokens or len(current) >= max_batch_size
-            wasteful = real_tokens >= min_batch_tokens and lengths[index] < (1 - max_padding) * longest
+            longest = size(lengths[current[0]])  # sorted descending: the first item of a batch is its longest
+            most_rows = min(max_batch_size, max(1, batch_tokens // longest))
+            full = len(current) >= (bucket_down(most_rows) if shape_buckets else most_rows)
+            wasteful = real_tokens >= min_batch_tokens and size(lengths[index]) < (1 - max_padding) * longest
             if full or wasteful:
                 batches.append(current)
                 current, real_tokens = [], 0

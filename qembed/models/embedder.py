@@ -138,7 +138,9 @@ class Embedder:
 
         texts = list(CALIBRATION_TEXTS)
         token_ids = self.prepare(texts, prompt=self.document_prompt) + self.prepare(texts, instruction=MODEL_DEFAULT)
-        self.inference_model = quantize_to_openvino(self.model, [self.collate([ids]) for ids in token_ids], self.fingerprint)
+        calibration = [self.collate([ids]) for ids in token_ids]
+        self.inference_model = quantize_to_openvino(self.model, calibration, self.fingerprint, pad_id=self.pad_id,
+                                                    max_width=self.max_length)  # fmt: skip
         self.model.to("meta")
         # int8 vectors never share a cache entry or an index with fp32 ones
         self.quantize, self.fingerprint = "int8", f"{self.fingerprint}-int8-openvino"
@@ -263,7 +265,8 @@ class Embedder:
         """Indices of `token_ids` grouped into the model family's token-budget batches (`token_budget_batches`)."""
         batching = self.batching
         return token_budget_batches([len(ids) for ids in token_ids], batch_tokens or batching.batch_tokens,
-                                    min_batch_tokens=batching.min_batch_tokens)  # fmt: skip
+                                    min_batch_tokens=batching.min_batch_tokens,
+                                    shape_buckets=self.inference_model is not None)  # fmt: skip
 
     def encode_batch(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Full-size, unnormalised float32 rows of one batch of prepared token ids (one forward pass)."""

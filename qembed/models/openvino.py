@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from qembed.errors import QembedError
+from qembed.models.batching import bucket_up
 
 CPU_FAST_HINT = "quantize='int8' needs OpenVINO and NNCF: pip install 'qembed[cpu-fast]'"
 
@@ -106,15 +107,36 @@ class _HiddenStates(torch.nn.Module):
 
 class OpenVINOEncoder:
     """A compiled int8 OpenVINO model called like a transformers base model: `encoder(**batch).last_hidden_state`
-    (a float32 CPU tensor)."""
+    (a float32 CPU tensor).
 
-    def __init__(self, compiled, inputs: Sequence[str]):
+    OpenVINO keeps compiled kernels and buffers for every input shape it has run, so each batch is padded to
+    `(bucket_up(rows), bucket_up(width))` (`qembed.models.batching`; width at most `max_width`, the model's
+    token limit) and the result cut back: a corpus runs in a bounded set of shapes and bounded memory. Padding
+    columns are masked pad tokens (on the left when the model takes `position_ids`, i.e. left-padded decoders);
+    padding rows repeat the first row and are dropped."""
+
+    def __init__(self, compiled, inputs: Sequence[str], *, pad_id: int = 0, max_width: int | None = None):
         self.compiled, self.inputs = compiled, tuple(inputs)
+        self.pad_id, self.max_width = pad_id, max_width
+        self.left = "position_ids" in self.inputs
 
     def __call__(self, **batch: torch.Tensor) -> SimpleNamespace:
         feed = {name: batch[name].numpy() for name in self.inputs}
-        hidden = self.compiled(feed)[0]
-        return SimpleNamespace(last_hidden_state=torch.from_numpy(np.asarray(hidden, dtype=np.float32)))
+        rows, width = feed["input_ids"].shape
+        padded_width = max(width, min(bucket_up(width), self.max_width or width))
+        feed = {name: self._pad(name, array, bucket_up(rows), padded_width) for name, array in feed.items()}
+        hidden = np.asarray(self.compiled(feed)[0], dtype=np.float32)
+        hidden = hidden[:rows, padded_width - width :] if self.left else hidden[:rows, :width]
+        return SimpleNamespace(last_hidden_state=torch.from_numpy(np.ascontiguousarray(hidden)))
+
+    def _pad(self, name: str, array: np.ndarray, rows: int, width: int) -> np.ndarray:
+        extra = width - array.shape[1]
+        if extra:
+            columns = (extra, 0) if self.left else (0, extra)
+            array = np.pad(array, ((0, 0), columns), constant_values=self.pad_id if name == "input_ids" else 0)
+        if rows > len(array):
+            array = np.concatenate([array, np.repeat(array[:1], rows - len(array), axis=0)])
+        return array
 
 
 def openvino_cache_dir() -> Path:
@@ -124,14 +146,16 @@ def openvino_cache_dir() -> Path:
 
 
 def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str, torch.Tensor]],
-                         fingerprint: str | None = None) -> OpenVINOEncoder:  # fmt: skip
+                         fingerprint: str | None = None, *, pad_id: int = 0,
+                         max_width: int | None = None) -> OpenVINOEncoder:  # fmt: skip
     """Export `model` (a transformers base model, fp32 on the CPU) to OpenVINO and quantise its matrix
     multiplications to int8 (weights per channel, activations with scales calibrated on `calibration`, a list
     of collated batches); compiled for as many threads as torch uses.
 
     With the weights' `fingerprint`, the quantised model is kept in `openvino_cache_dir()` under a key of the
     fingerprint, the calibration inputs and the OpenVINO/NNCF versions, and later loads read it back
-    (export and calibration take minutes for a 0.6B model)."""
+    (export and calibration take minutes for a 0.6B model). `pad_id` and `max_width` (the longest input the
+    model takes) are how `OpenVINOEncoder` pads batches to bucketed shapes."""
     check_cpu_fast()
     import nncf
     import openvino as ov
@@ -153,7 +177,7 @@ def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str,
                 shutil.rmtree(tmp, ignore_errors=True)
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())}
         compiled = ov.Core().compile_model(folder / "model.xml", "CPU", config)
-    return OpenVINOEncoder(compiled, inputs)
+    return OpenVINOEncoder(compiled, inputs, pad_id=pad_id, max_width=max_width)
 
 
 def _export_int8(model: torch.nn.Module, calibration: Sequence[dict[str, torch.Tensor]], inputs: list[str]):
