@@ -12,6 +12,10 @@ and the server see them, a large batch = bulk search, where exact search is one 
 
     python bench/bench_index_scale.py --docs 100000 [--subset 30000] [--queries 2000] [--nprobe 1,2,4,8,16,32,64]
                                       [--batch-size 1] [--time-queries 200] [--threads 2]
+    python bench/bench_index_scale.py --vectors-from /tmp/qembed-scale/full   # the 1M build of bench_scale.py
+
+`--vectors-from INDEX` takes the document vectors of a folder `qembed index build` wrote with MiniLM int8 (a
+FAISS Flat index, e.g. `bench/bench_scale.py --docs 1000000`'s `full` build) instead of embedding a corpus.
 
 Target (issue 18, at 1M documents): recall@10 >= 0.95 at >= 10x the exact search's queries/s.
 """
@@ -73,6 +77,7 @@ def queries_per_second(index, queries: np.ndarray, k: int, params, batch_size: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=100_000)
+    parser.add_argument("--vectors-from", type=Path, metavar="INDEX", help="document vectors of this index folder")
     parser.add_argument("--subset", type=int, help="use only the first N documents of the corpus (embedded first)")
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--nlist", type=int, help="IVF lists (default: 4 sqrt(docs), rounded to a power of 2)")
@@ -95,16 +100,23 @@ def main() -> None:
     print(f"machine: {machine_line()}; faiss {faiss.__version__}, {args.threads} threads; "
           f"load average {os.getloadavg()[0]:.1f} at start, {time.strftime('%H:%M')}\n{cpu_flags_line()}")  # fmt: skip
     args.cache.mkdir(parents=True, exist_ok=True)
-    corpus = args.cache / f"corpus-{args.docs}-s{args.seed}.jsonl"
-    if not corpus.exists():
-        write_corpus(corpus.with_suffix(".tmp"), args.docs, args.seed)
-        corpus.with_suffix(".tmp").rename(corpus)
     query_file = args.cache / f"queries-{args.queries}-s{args.seed}.jsonl"
     if not query_file.exists():
         write_queries(query_file, args.queries, args.seed)
-    print(f"embedding {args.docs} documents and {args.queries} queries (MiniLM int8; cached in {args.cache})")
-    texts = read_texts(corpus)[: args.subset or args.docs]
-    docs = embed_cached(texts, args.cache / f"docs-{args.docs}-s{args.seed}.f32")
+    if args.vectors_from:
+        from qembed.index import load_index
+
+        flat = load_index(args.vectors_from / "vectors")._index
+        docs = flat.reconstruct_n(0, flat.ntotal)[: args.subset or flat.ntotal]
+        print(f"{len(docs)} document vectors from {args.vectors_from}; embedding {args.queries} queries (MiniLM int8)")
+    else:
+        print(f"embedding {args.docs} documents and {args.queries} queries (MiniLM int8; cached in {args.cache})")
+        corpus = args.cache / f"corpus-{args.docs}-s{args.seed}.jsonl"
+        if not corpus.exists():
+            write_corpus(corpus.with_suffix(".tmp"), args.docs, args.seed)
+            corpus.with_suffix(".tmp").rename(corpus)
+        texts = read_texts(corpus)[: args.subset or args.docs]
+        docs = embed_cached(texts, args.cache / f"docs-{args.docs}-s{args.seed}.f32")
     queries = embed_cached(read_texts(query_file), args.cache / f"queries-{args.queries}-s{args.seed}.f32")
     k = 10
     nlist = args.nlist or int(2 ** round(np.log2(4 * len(docs) ** 0.5)))

@@ -97,8 +97,7 @@ class _Shard:
             self._keys = np.load(self.keys_path, mmap_mode="r")
             self._vectors = np.load(self.vec_path, mmap_mode="r")
         else:
-            self._keys = np.memmap(self.keys_path, np.uint8, "r", shape=(self.rows, KEY_BYTES))
-            self._vectors = np.memmap(self.vec_path, np.float32, "r", shape=(self.rows, self.dim))
+            self._keys = np.memmap(self.keys_path, np.uint8, "r", shape=(self.rows, KEY_BYTES))  # vectors: pread
         self._mapped = self.rows
 
     def keys(self, rows: np.ndarray) -> np.ndarray:
@@ -106,8 +105,29 @@ class _Shard:
         return np.asarray(self._keys[rows])
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
-        self._map()
-        return np.asarray(self._vectors[rows], dtype=np.float32)
+        if self.old or self.vec_path is None:  # a numpy file of an older cache, or rows in memory
+            self._map()
+            return np.asarray(self._vectors[rows], dtype=np.float32)
+        return _read_rows(self.vec_path, np.asarray(rows, dtype=np.int64), self.dim)
+
+
+def _read_rows(path: Path, rows: np.ndarray, dim: int) -> np.ndarray:
+    """Rows of a raw float32 vectors file, read with `pread` (runs of consecutive rows at once) rather than
+    mapped: the pages a long run reads back then stay in the page cache, not in the process's memory."""
+    out = np.empty((len(rows), dim), dtype=np.float32)
+    if not len(rows):
+        return out
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+    row_bytes = 4 * dim
+    got = np.empty_like(out)
+    with path.open("rb") as f:
+        for start, end in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
+            data = os.pread(f.fileno(), (end - start) * row_bytes, int(ordered[start]) * row_bytes)
+            got[start:end] = np.frombuffer(data, dtype=np.float32).reshape(end - start, dim)
+    out[order] = got
+    return out
 
 
 class _MemoryShard(_Shard):

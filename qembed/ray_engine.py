@@ -1,10 +1,11 @@
 """The Ray Data engine: encode a corpus on a Ray cluster (or a local one) and stream the vectors back.
 
-`encode_corpus` reads the corpus as Ray Data blocks (the lines of `.jsonl`/`.txt` files, parsed by qembed's
-own corpus reader, so texts and ids are exactly those of one process), hands them to a pool of Ray actors
-that each load the model once (one GPU per actor when the model runs on CUDA, CPU actors otherwise) and
-run `Embedder.encode` (same tokenisation, same token-budget batches), and yields `EncodedBlock`s (ids, text
-keys, full-size unnormalised float32 vectors) to the driver as they are done.
+`encode_corpus` reads the corpus as Ray Data blocks (the lines of `.jsonl`/`.txt` files or the rows of a
+`.parquet` file, parsed by qembed's own corpus reader, so texts and ids are exactly those of one process),
+hands them to a pool of Ray actors that each load the model once (one GPU per actor when the model runs on
+CUDA, CPU actors otherwise) and run `Embedder.encode` (same tokenisation, same token-budget batches), and
+yields `EncodedBlock`s (ids, text keys, full-size unnormalised float32 vectors) to the driver as they are
+done.
 
 `fill_cache` is what the verbs call: it writes those blocks into a `CachedEncoder`'s embedding cache, one
 crash-safe shard per block, skipping every text already there (so a killed job continues where it
@@ -24,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from qembed.cache import KEY_BYTES
 from qembed.errors import QembedError
 
 log = logging.getLogger(__name__)
 
 EXTRA_HINT = "pip install 'qembed[ray]'"
-KEY_BYTES = 20  # sha1 of the text (`qembed.cache.text_key`)
 _READ_CPUS = 0.1  # Ray CPUs of a read task: reading lines is cheap, the actors get the rest
 
 
@@ -51,12 +52,14 @@ class RayOptions:
     local cluster for the run (with `num_cpus` CPUs, default all) and stops it afterwards. `actors`: model
     replicas (default: one per GPU when the model runs on CUDA, else one per 4 CPUs of the cluster, at least
     one). `batch_size`: texts per actor call, which is also one embedding-cache shard (a killed job re-encodes
-    at most the batches in flight)."""
+    at most the batches in flight). `gpu_ids`: the local cluster runs on these CUDA devices of this machine
+    only (`--device cuda:0,cuda:1`)."""
 
     address: str | None = None
     actors: int | None = None
     batch_size: int = 1024
     num_cpus: int | None = None
+    gpu_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.actors is not None and self.actors < 1:
@@ -99,8 +102,8 @@ def _corpus_files(corpus: str | Path) -> list[Path]:
     path = corpus_path(corpus)
     if not path.is_file():
         raise QembedError(f"corpus file not found: {path}")
-    if path.suffix not in (".jsonl", ".txt"):
-        raise QembedError(f"{path}: the Ray engine reads .jsonl and .txt corpora (or a BEIR folder)")
+    if path.suffix not in (".jsonl", ".txt", ".parquet"):
+        raise QembedError(f"{path}: the Ray engine reads .jsonl, .parquet and .txt corpora (or a BEIR folder)")
     return [path]
 
 
@@ -136,6 +139,32 @@ def _lines_datasource(paths: list[Path], lines_per_block: int):
     return LinesDatasource([str(p) for p in paths])
 
 
+def _parquet_datasource(paths: list[Path], rows_per_block: int):
+    """A Ray datasource of a Parquet file's rows as qembed's reader sees them (`qembed.data.formats.iter_rows`:
+    Python values, nulls dropped), each pickled whole so an actor validates exactly the record one process
+    would, with their 1-based row numbers (one read task per file, streaming blocks)."""
+    import pickle
+
+    import pyarrow as pa
+    from ray.data.datasource import FileBasedDatasource
+
+    from qembed.data.formats import iter_rows
+
+    class ParquetRecordsDatasource(FileBasedDatasource):
+        def _read_stream(self, f, path: str):
+            records, numbers = [], []
+            for number, record in iter_rows(Path(path)):
+                records.append(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+                numbers.append(number)
+                if len(records) >= rows_per_block:
+                    yield pa.table({"record": pa.array(records, pa.binary()), "number": pa.array(numbers, pa.int64())})
+                    records, numbers = [], []
+            if records:
+                yield pa.table({"record": pa.array(records, pa.binary()), "number": pa.array(numbers, pa.int64())})
+
+    return ParquetRecordsDatasource([str(p) for p in paths])
+
+
 class _EncodeActor:
     """One model replica: parses a batch of corpus lines (or takes texts), drops texts already cached, encodes
     the rest with `Embedder.encode` (normalize=False: full-size, unnormalised, as the cache stores them)."""
@@ -162,13 +191,19 @@ class _EncodeActor:
         self.hidden = self.embedder.hidden_size
 
     def _documents(self, batch: dict) -> tuple[list[str], list[str]]:
-        from qembed.data.corpus import parse_corpus_line
+        import pickle
+
+        from qembed.data.corpus import parse_corpus_line, parse_corpus_record
 
         if "text" in batch:  # texts given in memory: the id is the position
             return [str(i) for i in batch["id"]], [str(t) for t in batch["text"]]
         ids, texts = [], []
-        for raw, number in zip(batch["line"], batch["number"]):
-            doc = parse_corpus_line(bytes(raw), self.path, int(number), self.text_field)
+        records = "record" in batch  # a Parquet corpus (`_parquet_datasource`), else lines
+        for raw, number in zip(batch["record" if records else "line"], batch["number"]):
+            if records:
+                doc = parse_corpus_record(pickle.loads(bytes(raw)), self.path, int(number), self.text_field)
+            else:
+                doc = parse_corpus_line(bytes(raw), self.path, int(number), self.text_field)
             if doc is not None and (doc.text or self.keep_blank):
                 ids.append(doc.doc_id)
                 texts.append(doc.text)
@@ -215,6 +250,18 @@ def _connect(ray, options: RayOptions) -> bool:
             ray.init(address=options.address, **quiet)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise QembedError(f"cannot join the Ray cluster at {options.address}: {str(exc).splitlines()[0]}") from None
+    elif options.gpu_ids:  # Ray hands out the GPUs its node was started with: these ones
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        physical = visible.split(",") if visible else [str(i) for i in range(max(options.gpu_ids) + 1)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(physical[i] for i in options.gpu_ids)
+        try:
+            ray.init(num_cpus=options.num_cpus, num_gpus=len(options.gpu_ids), **quiet)
+        finally:
+            if visible is None:
+                del os.environ["CUDA_VISIBLE_DEVICES"]
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = visible
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private cluster of this process
         ray.init(num_cpus=options.num_cpus, **quiet)
@@ -242,7 +289,7 @@ def encode_corpus(embedder, corpus: str | Path | Sequence[str], *, query_format=
     dtype and quantisation, so the vectors are those `embedder.encode` gives) and yield `EncodedBlock`s as
     the actors finish them, in no particular order.
 
-    `corpus`: a `.jsonl`/`.txt` file or a BEIR folder (read as Ray Data blocks by the workers: the path
+    `corpus`: a `.jsonl`/`.parquet`/`.txt` file or a BEIR folder (read as Ray Data blocks by the workers: the path
     must be reachable from every node), or a list of texts (ids are their positions). `query_format`/
     `prompt` as in `Embedder.encode`; `skip`: sorted `S20` text keys to leave out (already cached)."""
     from qembed.cache import cache_key
@@ -274,8 +321,8 @@ def encode_corpus(embedder, corpus: str | Path | Sequence[str], *, query_format=
             ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(corpus)])
             path = ""
         else:
-            ds = ray.data.read_datasource(_lines_datasource(paths, options.batch_size),
-                                          num_cpus=_READ_CPUS)  # fmt: skip
+            source = _parquet_datasource if paths[0].suffix == ".parquet" else _lines_datasource
+            ds = ray.data.read_datasource(source(paths, options.batch_size), num_cpus=_READ_CPUS)
             path = str(paths[0])
         known = [ray.put(skip if skip is not None else np.empty(0, dtype=f"S{KEY_BYTES}"))]  # a reference, read by each actor
         ds = ds.map_batches(

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from qembed.cli import main
-from qembed.data.corpus import CorpusFile, Document, iter_corpus, open_corpus, read_corpus, read_texts
+from qembed.data.corpus import (
+    CorpusFile,
+    Document,
+    check_corpus,
+    iter_corpus,
+    open_corpus,
+    read_corpus,
+    read_texts,
+)
 from qembed.data.pairs import read_pairs
 from qembed.data.text import join_title, normalize_text
 from qembed.errors import QembedError
@@ -51,6 +59,33 @@ def test_a_repeated_id_is_an_error_naming_both_lines(tmp_path):
     with pytest.raises(QembedError, match=f"{clash}:2: duplicate document id '1', first on line 1"):
         read_corpus(clash)
     assert read_corpus(path, limit=2) == {"a": "1", "b": "2"}  # the repeat lies beyond what was read
+
+
+def test_parquet_corpus_reads_as_its_jsonl_records(shared_dir, tmp_path):
+    """A Parquet corpus is the same records in rows: the same documents and ids (row numbers where a row has
+    no id), the same errors naming file:row, and a `CorpusFile` that reads a row back by its row group."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    jsonl = shared_dir / "data" / "nfcorpus" / "corpus.jsonl"
+    records = [json.loads(line) for line in jsonl.open(encoding="utf-8")]
+    records[5] = {"title": "no id", "text": records[5]["text"]}  # its id: the row number, 6
+    records[7] = {"_id": records[7]["_id"], "text": "  "}  # blank: skipped
+    parquet = tmp_path / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist(records), parquet, row_group_size=500)
+    mirror = _jsonl(tmp_path / "corpus.jsonl", records)
+    assert list(iter_corpus(parquet)) == list(iter_corpus(mirror))
+    assert read_corpus(parquet)["6"].startswith("no id ") and check_corpus(parquet) == len(records) == 3633
+    disk = CorpusFile(parquet)
+    assert list(disk) == list(read_corpus(mirror))
+    assert [disk[doc_id] for doc_id in ("MED-10", "6", list(disk)[-1], list(disk)[600])] == [
+        read_corpus(mirror)[doc_id] for doc_id in ("MED-10", "6", list(disk)[-1], list(disk)[600])]  # fmt: skip
+    records[2000]["_id"] = records[3]["_id"]
+    numbers = [{"_id": "a", "text": 1}, {"_id": "b", "text": 2}]  # a column of numbers, not texts
+    for bad, message in ((records, r"corpus.parquet:2001: duplicate document id '.+', first on line 4"),
+                         (numbers, r"corpus.parquet:1: no field 'text' holding a string")):  # fmt: skip
+        pq.write_table(pa.Table.from_pylist(bad), parquet)
+        with pytest.raises(QembedError, match=message):
+            check_corpus(parquet)
 
 
 def test_corpus_file_equals_the_in_memory_corpus_on_nfcorpus(shared_dir):

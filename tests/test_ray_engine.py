@@ -169,6 +169,24 @@ def test_index_build_on_ray_equals_one_process(ray_address, corpus, tiny_embedde
     assert manifest["encoded"] == DOCS and manifest["count"] == DOCS
 
 
+def test_parquet_corpus_on_ray_equals_jsonl_in_one_process(ray_address, corpus, tiny_embedder_path, local_index,
+                                                           tmp_path):  # fmt: skip
+    """A Parquet corpus is read as Ray Data blocks of its rows: the same documents (ids, titles) and vectors
+    as the one-process build of the same records as JSONL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [json.loads(line) for line in corpus.open(encoding="utf-8") if line.strip()]
+    parquet = tmp_path / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist(records), parquet, row_group_size=300)
+    out = tmp_path / "ray-index"
+    done = _qembed("index", "build", "--model", str(tiny_embedder_path), "--corpus", str(parquet),
+                   "--output", str(out), "--cache-dir", str(tmp_path / "cache"), *_ray(ray_address))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{DOCS} encoded, 0 from the cache" in done.stdout
+    _same_index(out, local_index)
+
+
 def test_killed_ray_build_resumes(ray_address, corpus, tiny_embedder_path, local_index, tmp_path):
     out, cache = tmp_path / "index", tmp_path / "cache"
     args = ["index", "build", "--model", str(tiny_embedder_path), "--corpus", str(corpus), "--output", str(out),
@@ -269,3 +287,33 @@ def test_bad_corpus_line_on_ray_is_a_one_line_error(ray_address, corpus, tiny_em
     error = done.stderr.strip().splitlines()[-1]
     assert error.startswith("qembed index: error:") and f"{bad}:41: no field 'text' holding a string" in error
     assert "Traceback" not in done.stderr
+
+
+def test_device_list_is_the_multi_gpu_shorthand(corpus, tmp_path, capsys, monkeypatch):
+    """`--device cuda:0,cuda:1` means Ray with one replica per listed GPU, the driver on the first; here (no
+    GPU) it fails in one line before any model loads, as do malformed lists and lists given to other verbs."""
+    import torch
+
+    from qembed.cli import build_parser
+    from qembed.cli.engine import engine_options
+
+    embed = ["embed", "--model", "no-model-needed", "--input", str(corpus), "--output", str(tmp_path / "v.npy")]
+    for device, message in (("cuda:0,cuda:1", "this machine has 0 CUDA device(s)"),
+                            ("cpu,cuda:0", "a list names CUDA devices"), ("cuda:1,cuda:1", "named twice")):  # fmt: skip
+        assert main([*embed, "--device", device]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    from qembed.errors import QembedError
+    from qembed.models.loading import pick_device
+
+    with pytest.raises(QembedError, match="give one device"):  # what every other verb's model load does
+        pick_device("cuda:0,cuda:1")
+    assert not (tmp_path / "v.npy").exists()
+    # on a machine with 4 GPUs (what torch would report there): the Ray plan for GPUs 2 and 3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    args = build_parser().parse_args([*embed, "--device", "cuda:2,cuda:3"])
+    options = engine_options(args)
+    assert (args.engine, args.device, options.actors, options.gpu_ids) == ("ray", "cuda:2", 2, (2, 3))
+    args = build_parser().parse_args([*embed, "--device", "cuda:0,cuda:1", "--ray-actors", "3"])
+    with pytest.raises(QembedError, match="does not match"):
+        engine_options(args)

@@ -121,7 +121,8 @@ def add_model_args(p: argparse.ArgumentParser, *, help: str, multiple: bool = Fa
 
 def add_device_args(p: argparse.ArgumentParser, *, batch: bool = True, what: str = "the model") -> None:
     """`--device`, `--dtype` and, for verbs that encode, `--batch-tokens` (None: the model's own budget)."""
-    p.add_argument("--device", help=f"device for {what}: cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
+    p.add_argument("--device", help=f"device for {what}: cpu, cuda, cuda:1, mps (default: cuda when available, else cpu); "
+                   "embed, index build and eval also take a list, cuda:0,cuda:1,..., one replica per GPU on Ray")  # fmt: skip
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                    help=f"weights of {what} (default: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU)")  # fmt: skip
     if batch:

@@ -88,7 +88,7 @@ def run_build(args) -> int:
     from qembed.models.embedder import Embedder
 
     engine = engine_options(args)
-    check_corpus(args.corpus)  # a bad record, text or repeated id: one line now, not after hours of encoding
+    size = check_corpus(args.corpus)  # a bad record, text or repeated id: one line now, not after hours of encoding
     embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
         embedder._check_dim(args.dim)
@@ -96,7 +96,7 @@ def run_build(args) -> int:
         raise QembedError(str(exc)) from None
     result = build_index(embedder, args.corpus, args.output, index=args.index, dim=args.dim,
                          batch_tokens=args.batch_tokens, collection=args.collection, overwrite=args.overwrite,
-                         token=milvus_token(args), cache_dir=args.cache_dir, corpus_checked=True,
+                         token=milvus_token(args), cache_dir=args.cache_dir, corpus_size=size,
                          engine=engine)  # fmt: skip
     m = result.manifest
     where = f" (Milvus collection {m.collection})" if m.collection else ""

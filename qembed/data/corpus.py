@@ -1,10 +1,11 @@
 """Corpus files: the one reader of documents, used by `synth`, `mine`, `eval`, `embed`, `rerank` and `index`.
 
-Formats: a BEIR folder (its `corpus.jsonl`), any `.jsonl` with a text field, or a `.txt` file with one
-document per line. A document's text is `join_title(title, text)` (a JSONL `title` is optional).
+Formats: a BEIR folder (its `corpus.jsonl`), any `.jsonl` with a text field, a `.parquet` file with the same
+fields (its rows are numbered like lines; needs pyarrow), or a `.txt` file with one document per line. A
+document's text is `join_title(title, text)` (a `title` is optional).
 
-Ids: a JSONL record's `_id`, else its `id`, else its 1-based line number in the file; a `.txt` document's
-id is its 1-based line number. Line numbers count blank lines, so an id stays the same when the same file
+Ids: a record's `_id`, else its `id`, else its 1-based line (or Parquet row) number in the file; a `.txt`
+document's id is its 1-based line number. Line numbers count blank lines, so an id stays the same when the same file
 is read again, names the line an editor (and every error message) shows, and is the same in every command.
 Every id appears once: a repeated id is an error naming the file and both lines, raised while reading
 (`qembed.data.jsonl.UniqueIds`), so it is reported before any model work. Text that is not valid Unicode (a
@@ -69,7 +70,7 @@ def check_corpus(path: str | Path, *, text_field: str = "text") -> int:
     8 bytes per document (`check_unique_ids`)."""
     path = corpus_path(path)
     numbered = ((number, doc.doc_id) for number, doc in _iter_with_offsets(path, text_field, True, False))
-    if path.suffix == ".jsonl":
+    if _has_records(path):
         count = check_unique_ids(path, "document id", numbered, lambda: iter_ids(path))
     else:  # .txt: ids are line numbers
         count = sum(1 for _ in numbered)
@@ -80,7 +81,7 @@ def check_corpus(path: str | Path, *, text_field: str = "text") -> int:
 def open_corpus(path: str | Path, *, text_field: str = "text", keep_blank: bool = False,
                 in_memory: bool | None = None) -> Mapping[str, str]:
     """`{doc_id: text}`: a dict (`read_corpus`), or for files over 1 GiB (or `in_memory=False`) a
-    `CorpusFile` that holds only ids and byte offsets."""
+    `CorpusFile` that holds only ids and byte offsets (Parquet: row numbers)."""
     path = corpus_path(path)
     if in_memory is None:
         in_memory = not path.is_file() or path.stat().st_size <= IN_MEMORY_MAX_BYTES
@@ -122,9 +123,16 @@ class CorpusFile(Mapping):
 
     def text(self, row: int) -> str:
         """The text of the document at position `row` (in `ids` order)."""
+        offset = self._offsets[row]
+        if self.path.suffix == ".parquet":
+            if self._file is None:
+                from qembed.data.formats import ParquetRows
+
+                self._file = ParquetRows(self.path)
+            return parse_corpus_record(self._file[offset], self.path, offset + 1, self._options[0]).text
         if self._file is None:
             self._file = self.path.open("rb")
-        self._file.seek(self._offsets[row])
+        self._file.seek(offset)
         doc = _parse(self._file.readline(), self.path, 0, self._options[0], self.path.suffix == ".jsonl")
         return doc.text
 
@@ -172,21 +180,38 @@ def record_id(record: dict, path: Path, number: int) -> str | None:
 
 
 def iter_ids(path: str | Path) -> Iterator[tuple[int, str]]:
-    """`(line number, id)` of every record of a JSONL corpus or queries file (the id rule above)."""
-    for number, record in iter_numbered_jsonl(path):
+    """`(line or row number, id)` of every record of a JSONL or Parquet corpus or queries file (the id rule
+    above)."""
+    for number, record in _iter_records(Path(path)):
         yield number, record_id(record, Path(path), number) or str(number)
+
+
+def _has_records(path: Path) -> bool:
+    return path.suffix in (".jsonl", ".parquet")
+
+
+def _iter_records(path: Path) -> Iterator[tuple[int, dict]]:
+    if path.suffix == ".parquet":
+        from qembed.data.formats import iter_rows
+
+        return iter_rows(path)
+    return iter_numbered_jsonl(path)
 
 
 def _iter_with_offsets(path: Path, text_field: str, keep_blank: bool,
                        check_ids: bool = True) -> Iterator[tuple[int, Document]]:
     if not path.is_file():
         raise QembedError(f"corpus file not found: {path}")
-    jsonl = path.suffix == ".jsonl"
-    checked = jsonl and check_ids  # .txt: ids are line numbers
+    checked = _has_records(path) and check_ids  # .txt: ids are line numbers
     ids = UniqueIds(path, "document id", lambda: iter_ids(path)) if checked else None
     blank = 0
-    for number, offset, raw in iter_lines(path):
-        doc = parse_corpus_line(raw, path, number, text_field)
+    if path.suffix == ".parquet":  # offset: the row's index
+        numbered = ((number, number - 1, parse_corpus_record(record, path, number, text_field))
+                    for number, record in _iter_records(path))  # fmt: skip
+    else:
+        numbered = ((number, offset, parse_corpus_line(raw, path, number, text_field))
+                    for number, offset, raw in iter_lines(path))  # fmt: skip
+    for number, offset, doc in numbered:
         if doc is None:
             continue  # not a record
         if ids is not None:
@@ -214,7 +239,11 @@ def _parse(raw: bytes, path: Path, number: int, text_field: str, jsonl: bool) ->
             return Document(str(number), join_title(None, raw.decode("utf-8")))
         except UnicodeDecodeError as exc:
             raise QembedError(f"{path}:{number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    record = parse_jsonl_line(raw, path, number)
+    return parse_corpus_record(parse_jsonl_line(raw, path, number), path, number, text_field)
+
+
+def parse_corpus_record(record: dict, path: Path, number: int, text_field: str = "text") -> Document:
+    """The document of a JSONL or Parquet record (`number`: its line or row, for ids and errors)."""
     text, title = record.get(text_field), record.get("title")
     if not isinstance(text, str):
         raise QembedError(f"{path}:{number}: no field {text_field!r} holding a string (fields: {sorted(record)})")

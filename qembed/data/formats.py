@@ -75,6 +75,32 @@ def iter_rows(path: str | Path, *, allow_truncated_tail: bool = False) -> Iterat
         yield from enumerate(map(_without_nulls, _load_dataset_folder(path)), start=1)
 
 
+class ParquetRows:
+    """Random access to the rows of a Parquet file (`rows[i]`, 0-based, as `iter_rows` gives them): reads the
+    row group holding a row and keeps the last one read, so rows read in order cost one pass."""
+
+    def __init__(self, path: str | Path) -> None:
+        import numpy as np
+
+        pq = _require("pyarrow.parquet", "Parquet")
+        self._file = pq.ParquetFile(path)
+        sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
+        self._ends = np.cumsum(sizes)
+        self._group, self._rows = -1, []
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import numpy as np
+
+        group = int(np.searchsorted(self._ends, index, side="right"))
+        if group != self._group:
+            self._group, self._rows = group, self._file.read_row_group(group).to_pylist()
+        start = int(self._ends[group - 1]) if group else 0
+        return _without_nulls(self._rows[index - start])
+
+
 def _without_nulls(value: Any) -> Any:
     """A columnar row as the record it was written from: a column (or struct field) a record lacked reads back
     as null, so nulls are dropped from objects (a null and a missing field are the same in these containers)."""

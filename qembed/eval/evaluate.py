@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qembed.cache import text_key
+from qembed.cache import KEY_BYTES, text_key
 from qembed.data.beir import RetrievalDataset
 from qembed.encode import CachedEncoder
 from qembed.errors import QembedError
@@ -196,16 +196,16 @@ def _query_formats(emb, settings: list, name: str) -> list[QueryFormat]:
 
 def _index_corpus(docs: CachedEncoder, dataset: RetrievalDataset, spec: str, show_progress, name: str):
     """Encode the corpus chunk by chunk (via the cache) into a fresh index; returns the index, the text keys
-    of its rows (to read document vectors back from the cache by row) and timings."""
+    of its rows (`(n, 20)` uint8, to read document vectors back from the cache by row) and timings."""
     t = time.perf_counter()
     vector_index = None
     add_s = 0.0
-    keys: list[bytes] = []
     doc_ids = dataset.doc_ids
+    keys = np.empty((len(doc_ids), KEY_BYTES), dtype=np.uint8)  # 20 bytes per document, no object per key
 
     def texts():  # streamed: a `DiskCorpus` never holds the collection's text
-        for text in dataset.iter_doc_texts():
-            keys.append(text_key(text))
+        for row, text in enumerate(dataset.iter_doc_texts()):
+            keys[row] = np.frombuffer(text_key(text), dtype=np.uint8)
             yield text
 
     try:
@@ -226,7 +226,7 @@ def _index_corpus(docs: CachedEncoder, dataset: RetrievalDataset, spec: str, sho
     return vector_index, keys, timings
 
 
-def _exact_ranking(rows: np.ndarray, query_vector: np.ndarray, docs: CachedEncoder, keys: list[bytes],
+def _exact_ranking(rows: np.ndarray, query_vector: np.ndarray, docs: CachedEncoder, keys: np.ndarray,
                    doc_ids: list[str], depth: int) -> list[tuple[str, float]]:  # fmt: skip
     """The index's candidates re-scored exactly (float64 dot products of the stored float32 vectors) and
     ranked in trec_eval's order, so the ranking does not depend on a backend's floating-point summation
@@ -234,7 +234,7 @@ def _exact_ranking(rows: np.ndarray, query_vector: np.ndarray, docs: CachedEncod
     rows = [int(r) for r in rows if r >= 0]
     if not rows:
         return []
-    vectors = docs.rows([keys[r] for r in rows]).astype(np.float64)
+    vectors = docs.rows(keys[rows]).astype(np.float64)
     scores = (vectors * query_vector.astype(np.float64)).sum(axis=1)
     return trec_order([(doc_ids[r], float(s)) for r, s in zip(rows, scores)])[:depth]
 

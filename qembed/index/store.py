@@ -107,18 +107,6 @@ class _Growing:
         return self.data[: self.size]
 
 
-def count_lines(path: str | Path) -> int:
-    """Lines in a corpus file (an upper bound of its documents: sizes the index and the progress total)."""
-    from qembed.data.corpus import corpus_path
-
-    count, last = 0, b"\n"
-    with corpus_path(path).open("rb") as f:
-        while block := f.read(1 << 22):
-            count += block.count(b"\n")
-            last = block[-1:]
-    return count + (last != b"\n")
-
-
 def claim_index_dir(output: Path) -> Manifest | None:
     """Mark `output` as an index folder before anything else is written (refusing a folder of the user's);
     returns the manifest of the index it already holds, if any."""
@@ -143,7 +131,7 @@ def build_index(
     chunk_size: int = 1024,
     show_progress: bool | None = None,
     cache_dir: str | Path | None = None,
-    corpus_checked: bool = False,
+    corpus_size: int | None = None,
     engine=None,
 ) -> BuildResult:
     """Encode `corpus` with `embedder` (documents: its document prompt) into the index folder `output`.
@@ -153,7 +141,7 @@ def build_index(
     only what is not cached yet. The folder is marked as an index build from its first byte; a build that was
     killed (no manifest yet) is continued by the same command. Memory besides the vectors: about 30 bytes per
     document plus its id (offsets, ids, the cache's key index; 8 bytes per id while `check_corpus` checks the
-    corpus first, skipped with `corpus_checked=True`), no Python object per document.
+    corpus first; a caller that ran it gives its count as `corpus_size`), no Python object per document.
     For Milvus, the collection is `collection` or a fresh unique name; an existing collection that this
     folder did not create is never dropped unless `overwrite=True`. A rebuild writes a new collection and
     drops the one it replaces only after the manifest has switched to the new one.
@@ -166,9 +154,9 @@ def build_index(
     output = Path(output)
     backend, arg = parse_spec(index)
     out_dim = embedder._check_dim(dim) if dim is not None else embedder.hidden_size
-    if not corpus_checked:  # bad records and repeated ids fail now, before anything is written or encoded
-        check_corpus(corpus)
-    expected = count_lines(corpus_path_of(corpus))  # also: a missing corpus fails before anything is written
+    # bad records, repeated ids or a missing corpus fail now, before anything is written or encoded; the count
+    # (blank documents included: an upper bound) sizes the index and the progress total
+    expected = corpus_size if corpus_size is not None else check_corpus(corpus)
     previous = claim_index_dir(output)
     atomic_write_json(output / BUILD_MARKER, {"corpus": str(corpus), "index": index, "model": embedder.name_or_path,
                                               "fingerprint": embedder.fingerprint, "dim": out_dim})  # fmt: skip
@@ -241,16 +229,6 @@ def build_index(
     if replaced is not None and replaced[1] == previous.collection:  # switched: the old collection can go
         drop_collection(*replaced, token=token)
     return BuildResult(manifest, encoded=stats.encoded, cached=stats.hits)
-
-
-def corpus_path_of(corpus: str | Path) -> Path:
-    """The corpus file (a BEIR folder's corpus.jsonl); a one-line error when it does not exist."""
-    from qembed.data.corpus import corpus_path
-
-    path = corpus_path(corpus)
-    if not path.is_file():
-        raise QembedError(f"corpus file not found: {path}")
-    return path
 
 
 class SearchIndex:

@@ -76,6 +76,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def pick_device(device: str | torch.device | None) -> torch.device:
     """The requested device, else CUDA when present, else CPU."""
+    if isinstance(device, str) and "," in device:
+        raise QembedError(f"device {device!r}: a list of devices is for corpus encoding on Ray (embed, index build, "
+                          "eval); give one device")  # fmt: skip
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
