@@ -4,6 +4,8 @@ reranker yes/no), caches that never mix int8 and fp32 vectors, the CLI flag, and
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -81,6 +83,12 @@ def test_quantised_model_is_kept_and_read_back(embedders, tiny_embedder_path, op
     assert {folder: (folder / "model.xml").stat().st_mtime_ns for folder in kept} == stamps  # read, not rewritten
     assert sorted(openvino_cache.iterdir()) == sorted(kept)
     assert np.array_equal(again.encode(TEXTS), int8.encode(TEXTS))
+    # a process that reads a kept model never imports NNCF (only quantising needs it: 40 MiB saved)
+    code = (f"import sys; from qembed import Embedder; Embedder.from_pretrained({str(tiny_embedder_path)!r}, "
+            "quantize='int8').encode(['x']); print('nncf' in sys.modules)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
+                          env={**os.environ, "QEMBED_OPENVINO_CACHE": str(openvino_cache)})  # fmt: skip
+    assert done.stdout.strip() == "False"
 
 
 def test_cache_never_mixes_int8_and_fp32(embedders, tmp_path, one_torch_thread):

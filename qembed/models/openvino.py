@@ -82,12 +82,16 @@ CALIBRATION_TEXTS = (
 )
 
 
-def check_cpu_fast() -> None:
-    """Raise a one-line `QembedError` naming the `cpu-fast` extra when OpenVINO or NNCF is missing."""
+def check_cpu_fast() -> str:
+    """Raise a one-line `QembedError` naming the `cpu-fast` extra when OpenVINO or NNCF is missing; returns
+    NNCF's version. NNCF is imported only to quantise (40 MiB that a process reading a kept model saves)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import nncf  # noqa: F401
         import openvino  # noqa: F401
-    except ImportError as exc:
+
+        return version("nncf")
+    except (ImportError, PackageNotFoundError) as exc:
         raise QembedError(f"{CPU_FAST_HINT} ({exc})") from None
 
 
@@ -156,12 +160,11 @@ def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str,
     fingerprint, the calibration inputs and the OpenVINO/NNCF versions, and later loads read it back
     (export and calibration take minutes for a 0.6B model). `pad_id` and `max_width` (the longest input the
     model takes) are how `OpenVINOEncoder` pads batches to bucketed shapes."""
-    check_cpu_fast()
-    import nncf
+    nncf_version = check_cpu_fast()
     import openvino as ov
 
     inputs = list(calibration[0])
-    key = hashlib.sha1(f"{fingerprint}|{ov.__version__}|{nncf.__version__}|{inputs}".encode())
+    key = hashlib.sha1(f"{fingerprint}|{ov.__version__}|{nncf_version}|{inputs}".encode())
     for batch in calibration:
         key.update(batch["input_ids"].numpy().tobytes())
     with tempfile.TemporaryDirectory() as scratch:
