@@ -107,10 +107,16 @@ def _corpus_files(corpus: str | Path) -> list[Path]:
     return [path]
 
 
+def _block(column: str, payloads: list[bytes], numbers):
+    """A Ray Data block: a binary `column` of raw lines or pickled records and their 1-based `number`s."""
+    import pyarrow as pa
+
+    return pa.table({column: pa.array(payloads, pa.binary()), "number": pa.array(numbers, pa.int64())})
+
+
 def _lines_datasource(paths: list[Path], lines_per_block: int):
     """A Ray datasource of a text file's raw lines with their 1-based line numbers (one read task per file,
     streaming blocks), split on `\\n` only, exactly as qembed's corpus reader does."""
-    import pyarrow as pa
     from ray.data.datasource import FileBasedDatasource
 
     class LinesDatasource(FileBasedDatasource):
@@ -118,8 +124,7 @@ def _lines_datasource(paths: list[Path], lines_per_block: int):
             number, lines, rest = 0, [], b""
 
             def block():
-                return pa.table({"line": pa.array(lines, pa.binary()),
-                                 "number": pa.array(range(number - len(lines) + 1, number + 1), pa.int64())})
+                return _block("line", lines, range(number - len(lines) + 1, number + 1))
 
             while data := f.read(1 << 22):
                 parts = (rest + data).split(b"\n")
@@ -145,7 +150,6 @@ def _parquet_datasource(paths: list[Path], rows_per_block: int):
     would, with their 1-based row numbers (one read task per file, streaming blocks)."""
     import pickle
 
-    import pyarrow as pa
     from ray.data.datasource import FileBasedDatasource
 
     from qembed.data.formats import iter_rows
@@ -157,10 +161,10 @@ def _parquet_datasource(paths: list[Path], rows_per_block: int):
                 records.append(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
                 numbers.append(number)
                 if len(records) >= rows_per_block:
-                    yield pa.table({"record": pa.array(records, pa.binary()), "number": pa.array(numbers, pa.int64())})
+                    yield _block("record", records, numbers)
                     records, numbers = [], []
             if records:
-                yield pa.table({"record": pa.array(records, pa.binary()), "number": pa.array(numbers, pa.int64())})
+                yield _block("record", records, numbers)
 
     return ParquetRecordsDatasource([str(p) for p in paths])
 

@@ -191,4 +191,3 @@ def run(args) -> int:
     resumed = f" ({done} from an earlier, interrupted run)" if done else ""
     print(f"wrote {total} embeddings of dimension {dim} to {output}{resumed}")
     return 0
-

@@ -5,8 +5,9 @@ fields (its rows are numbered like lines; needs pyarrow), or a `.txt` file with 
 document's text is `join_title(title, text)` (a `title` is optional).
 
 Ids: a record's `_id`, else its `id`, else its 1-based line (or Parquet row) number in the file; a `.txt`
-document's id is its 1-based line number. Line numbers count blank lines, so an id stays the same when the same file
-is read again, names the line an editor (and every error message) shows, and is the same in every command.
+document's id is its 1-based line number. Line numbers count blank lines, so an id stays the same when the
+same file is read again, names the line an editor (and every error message) shows, and is the same in every
+command.
 Every id appears once: a repeated id is an error naming the file and both lines, raised while reading
 (`qembed.data.jsonl.UniqueIds`), so it is reported before any model work. Text that is not valid Unicode (a
 lone UTF-16 surrogate such as JSON's `"\\ud800"`, invalid UTF-8) is a `file:line` error too.

@@ -27,7 +27,8 @@ def bucket_up(n: int) -> int:
 
 def bucket_down(n: int) -> int:
     """The largest size of the `bucket_up` ladder not above `n` (n >= 1)."""
-    return n // _step(n) * _step(n)
+    step = _step(n)
+    return n // step * step
 
 
 def token_budget_batches(
