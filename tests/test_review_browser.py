@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 from serve_helpers import free_port
 
@@ -106,8 +107,16 @@ class ReviewServer:
 
 
 def _settled(page, done: int) -> None:
-    """Wait until the page shows `done` labels and no request is on its way."""
-    page.wait_for_function(f"document.body.dataset.done === '{done}' && !document.body.dataset.busy", timeout=20000)
+    """Wait until the page shows `done` labels and no request is on its way. Every label is fsynced, which on a
+    shared disk under the other test worker's writes can take seconds: the wait is generous, and on a timeout
+    the message says what the page showed."""
+    try:
+        page.wait_for_function(f"document.body.dataset.done === '{done}' && !document.body.dataset.busy",
+                               timeout=120_000)  # fmt: skip
+    except PlaywrightTimeout:
+        shown = page.evaluate("({...document.body.dataset, status: document.getElementById('status').textContent,"
+                              " focus: document.activeElement.tagName})")  # fmt: skip
+        raise AssertionError(f"the page did not reach {done} labels: {shown}") from None
 
 
 def test_label_undo_reload_kill_restart_in_a_real_browser(tmp_path):
