@@ -74,7 +74,8 @@ def add_convert_parser(tools) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from qembed.data.formats import convert, note_lines
+    from qembed.data.formats import note_lines
+    from qembed.data.pairs import convert
 
     check_output(args.output, input=args.input)
     records, rows, notes = convert(args.input, args.output, from_format=args.from_format, to_format=args.to_format)

@@ -363,21 +363,6 @@ def _qembed_dict(record: PairRecord) -> dict[str, Any]:
     return out
 
 
-def convert(input: str | Path, output: str | Path, *, from_format: str | None, to_format: str) -> tuple[int, int, dict[str, int]]:
-    """Convert a pairs file between formats (and containers); returns (records read, rows written, notes)."""
-    from qembed.data.pairs import read_pairs
-
-    if to_format not in FORMATS:
-        raise QembedError(f"unknown format {to_format!r}: choose {', '.join(FORMATS)}")
-    if Path(input).resolve() == Path(output).resolve():
-        raise QembedError("--output must differ from --input")
-    check_output(output)
-    records = read_pairs(input, format=from_format)
-    rows, notes = to_rows(records, to_format)
-    write_rows(output, rows)
-    return len(records), len(rows), notes
-
-
 def note_lines(notes: dict[str, int], to_format: str) -> list[str]:
     """What a conversion could not carry, as readable lines."""
     lines = []

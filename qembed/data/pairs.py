@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qembed.data.formats import FORMATS, check_output, iter_qembed_dicts, to_rows, write_rows
 from qembed.errors import QembedError
 
 
@@ -52,8 +53,6 @@ def parse_pair(raw: dict[str, Any], where: str) -> PairRecord:
 def iter_pairs(path: str | Path, format: str | None = None) -> Iterator[tuple[int, PairRecord]]:
     """`(line or row number, record)` for every record of a pairs file, streamed: qembed JSONL, or any format
     and container of `qembed.data.formats` (`format` None: detected from the first row)."""
-    from qembed.data.formats import iter_qembed_dicts
-
     for number, raw in iter_qembed_dicts(path, format):
         yield number, parse_pair(raw, f"{path}:{number}")
 
@@ -85,3 +84,16 @@ def llm_negatives(record: dict[str, Any]) -> list[str]:
     neg = [neg] if isinstance(neg, str) else [n for n in neg if isinstance(n, str)]
     count = meta.get("llm_negatives")
     return neg[:count] if isinstance(count, int) and count >= 0 else neg
+
+
+def convert(input: str | Path, output: str | Path, *, from_format: str | None, to_format: str) -> tuple[int, int, dict[str, int]]:
+    """Convert a pairs file between formats (and containers); returns (records read, rows written, notes)."""
+    if to_format not in FORMATS:
+        raise QembedError(f"unknown format {to_format!r}: choose {', '.join(FORMATS)}")
+    if Path(input).resolve() == Path(output).resolve():
+        raise QembedError("--output must differ from --input")
+    check_output(output)
+    records = read_pairs(input, format=from_format)
+    rows, notes = to_rows(records, to_format)
+    write_rows(output, rows)
+    return len(records), len(rows), notes

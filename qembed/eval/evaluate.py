@@ -18,6 +18,7 @@ import numpy as np
 
 from qembed.cache import KEY_BYTES, text_key
 from qembed.data.beir import RetrievalDataset
+from qembed.data.corpus import corpus_path
 from qembed.encode import CachedEncoder
 from qembed.errors import QembedError
 from qembed.eval.metrics import GAINS, METRICS, evaluate_run, trec_order
@@ -78,7 +79,7 @@ def evaluate(
     if ndcg_gain not in GAINS:
         raise QembedError(f"nDCG gain must be 'linear' or 'exponential', got {ndcg_gain!r}")
     parse_spec(index)  # a bad spec fails before any model is loaded
-    corpus_source = None if isinstance(dataset, RetrievalDataset) else Path(dataset) / "corpus.jsonl"
+    corpus_source = None if isinstance(dataset, RetrievalDataset) else corpus_path(dataset)
     if not isinstance(dataset, RetrievalDataset):
         dataset = RetrievalDataset.load(dataset, split=split)
     models = models if isinstance(models, (list, tuple)) else [models]
