@@ -64,7 +64,7 @@ class Embedder:
     """Turns texts into float32 vectors; load with `Embedder.from_pretrained(name_or_path)`."""
 
     quantize: str | None = None  # "int8" when inference runs the int8 OpenVINO model (part of `fingerprint`)
-    inference_model = None  # that model (`qembed.models.openvino.OpenVINOEncoder`); None: `model` itself
+    inference_model = None  # that model (`OpenVINOEncoder` or `OnnxRuntimeEncoder`); None: `model` itself
 
     def __init__(self, model, tokenizer, info: SentenceTransformersInfo, *, model_dir: Path, name_or_path: str,
                  max_length: int, device: torch.device) -> None:  # fmt: skip
@@ -132,18 +132,27 @@ class Embedder:
         return embedder
 
     def _quantize_int8(self) -> None:
-        """Switch inference to the int8 OpenVINO model (`qembed.models.openvino`), calibrated on the built-in
-        texts as documents and as queries; the fp32 weights are released."""
-        from qembed.models.openvino import CALIBRATION_TEXTS, quantize_to_openvino
+        """Switch inference to an int8 model, calibrated on the built-in texts as documents and as queries: OpenVINO
+        (`qembed.models.openvino`) or, on x86 CPUs without AVX-512 VNNI or AMX, ONNX Runtime
+        (`qembed.models.onnxruntime`), as `int8_backend()` chooses. The fp32 weights are released."""
+        from qembed.models.openvino import CALIBRATION_TEXTS, int8_backend, quantize_to_openvino
 
+        backend = int8_backend()
         texts = list(CALIBRATION_TEXTS)
         token_ids = self.prepare(texts, prompt=self.document_prompt) + self.prepare(texts, instruction=MODEL_DEFAULT)
         calibration = [self.collate([ids]) for ids in token_ids]
-        self.inference_model = quantize_to_openvino(self.model, calibration, self.fingerprint, pad_id=self.pad_id,
-                                                    max_width=self.max_length)  # fmt: skip
+        if backend == "onnxruntime":
+            from qembed.models.onnxruntime import quantize_to_onnxruntime
+
+            self.inference_model = quantize_to_onnxruntime(self.model, calibration, self.fingerprint)
+        else:
+            self.inference_model = quantize_to_openvino(self.model, calibration, self.fingerprint, pad_id=self.pad_id,
+                                                        max_width=self.max_length)  # fmt: skip
         self.model.to("meta")
-        # int8 vectors never share a cache entry or an index with fp32 ones
-        self.quantize, self.fingerprint = "int8", f"{self.fingerprint}-int8-openvino"
+        # int8 vectors never share a cache entry or an index with fp32 ones, nor with another backend's, library
+        # version's or calibration's (the kept model's key hashes those)
+        self.quantize = "int8"
+        self.fingerprint = f"{self.fingerprint}-int8-{backend}-{self.inference_model.key[:8]}"
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save model, tokenizer, sentence-transformers files and `qembed.json`, keeping the tensor names and
@@ -266,7 +275,7 @@ class Embedder:
         batching = self.batching
         return token_budget_batches([len(ids) for ids in token_ids], batch_tokens or batching.batch_tokens,
                                     min_batch_tokens=batching.min_batch_tokens,
-                                    shape_buckets=self.inference_model is not None)  # fmt: skip
+                                    shape_buckets=getattr(self.inference_model, "shape_buckets", False))  # fmt: skip
 
     def encode_batch(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Full-size, unnormalised float32 rows of one batch of prepared token ids (one forward pass)."""

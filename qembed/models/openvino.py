@@ -9,7 +9,9 @@ Chinese, code, numbers) formatted exactly as the model sees them (query instruct
 int8 model is deterministic and does not depend on the batch it runs in.
 
 Only the transformer runs in OpenVINO; tokenising, padding, pooling, Matryoshka truncation and normalisation
-stay in `Embedder`, so the semantics are those of the fp32 path. Needs the `cpu-fast` extra.
+stay in `Embedder`, so the semantics are those of the fp32 path. Needs the `cpu-fast` extra. On x86 CPUs
+without AVX-512 VNNI or AMX, `int8_backend()` picks ONNX Runtime instead (`qembed.models.onnxruntime`, which
+shares this module's calibration texts and model cache).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import hashlib
 import io
 import logging
 import os
+import platform
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +36,7 @@ from qembed.errors import QembedError
 from qembed.models.batching import bucket_up
 
 CPU_FAST_HINT = "quantize='int8' needs OpenVINO and NNCF: pip install 'qembed[cpu-fast]'"
+INT8_BACKENDS = ("openvino", "onnxruntime")
 
 #: Calibration samples: short queries and passages of varied length, languages and content.
 CALIBRATION_TEXTS = (
@@ -119,8 +123,11 @@ class OpenVINOEncoder:
     columns are masked pad tokens (on the left when the model takes `position_ids`, i.e. left-padded decoders);
     padding rows repeat the first row and are dropped."""
 
-    def __init__(self, compiled, inputs: Sequence[str], *, pad_id: int = 0, max_width: int | None = None):
-        self.compiled, self.inputs = compiled, tuple(inputs)
+    shape_buckets = True  # batches are cut for the ladder shapes (`token_budget_batches(shape_buckets=True)`)
+
+    def __init__(self, compiled, inputs: Sequence[str], *, pad_id: int = 0, max_width: int | None = None,
+                 key: str = ""):  # fmt: skip
+        self.compiled, self.inputs, self.key = compiled, tuple(inputs), key
         self.pad_id, self.max_width = pad_id, max_width
         self.left = "position_ids" in self.inputs
 
@@ -144,9 +151,50 @@ class OpenVINOEncoder:
 
 
 def openvino_cache_dir() -> Path:
-    """Where quantised models are kept: `$QEMBED_OPENVINO_CACHE`, else `~/.cache/qembed/openvino`."""
+    """Where quantised models are kept (both backends): `$QEMBED_OPENVINO_CACHE`, else
+    `~/.cache/qembed/openvino`."""
     default = Path.home() / ".cache" / "qembed" / "openvino"
     return Path(os.environ.get("QEMBED_OPENVINO_CACHE") or default).expanduser()
+
+
+def calibration_key(settings: str, calibration: Sequence[dict[str, torch.Tensor]]) -> str:
+    """A kept model's folder name: a hash of `settings` (fingerprint, backend versions) and the calibration."""
+    key = hashlib.sha1(settings.encode())
+    for batch in calibration:
+        key.update(batch["input_ids"].numpy().tobytes())
+    return key.hexdigest()[:20]
+
+
+def keep_model(folder: Path, filename: str, write: Callable[[Path], object]) -> None:
+    """Unless `folder/filename` exists, `write(tmp)` the model into a folder beside it, then rename that folder
+    into place: a killed run never leaves half a model; if another process kept the same model first, theirs
+    is used."""
+    if (folder / filename).exists():
+        return
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    write(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def int8_backend() -> str:
+    """Which library runs `quantize="int8"`: `$QEMBED_INT8_BACKEND` (`openvino` or `onnxruntime`), else OpenVINO
+    on CPUs with int8 dot-product units (AVX-512 VNNI or AMX: 5.5x PyTorch fp32 on MiniLM) and on non-x86 CPUs,
+    and ONNX Runtime on other x86 CPUs (AVX2: its static int8 is 1.9x OpenVINO's there; docs/scale.md). Read
+    from CPUID (PyTorch's cpuinfo), so an emulated AVX2 CPU is seen as one."""
+    chosen = os.environ.get("QEMBED_INT8_BACKEND")
+    if chosen:
+        if chosen not in INT8_BACKENDS:
+            raise QembedError(f"QEMBED_INT8_BACKEND={chosen!r}: use one of {', '.join(INT8_BACKENDS)}")
+        return chosen
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "openvino"
+    has_vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: True)()
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "openvino" if has_vnni or has_amx else "onnxruntime"
 
 
 def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str, torch.Tensor]],
@@ -164,23 +212,16 @@ def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str,
     import openvino as ov
 
     inputs = list(calibration[0])
-    key = hashlib.sha1(f"{fingerprint}|{ov.__version__}|{nncf_version}|{inputs}".encode())
-    for batch in calibration:
-        key.update(batch["input_ids"].numpy().tobytes())
     with tempfile.TemporaryDirectory() as scratch:
-        folder = openvino_cache_dir() / key.hexdigest()[:20] if fingerprint else Path(scratch) / "model"
-        if not (folder / "model.xml").exists():
-            # written aside, then renamed: a killed run never leaves half a model. Always compiled from the saved
-            # file: the in-memory graph NNCF returns gives slightly different vectors than the same graph read back
-            tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-            ov.save_model(_export_int8(model, calibration, inputs), tmp / "model.xml", compress_to_fp16=False)
-            try:
-                tmp.rename(folder)
-            except OSError:  # another process saved the same model first: use theirs
-                shutil.rmtree(tmp, ignore_errors=True)
+        key = calibration_key(f"{fingerprint}|{ov.__version__}|{nncf_version}|{inputs}", calibration)
+        folder = openvino_cache_dir() / key if fingerprint else Path(scratch) / "model"
+        # always compiled from the saved file: the in-memory graph NNCF returns gives slightly different vectors
+        # than the same graph read back
+        keep_model(folder, "model.xml", lambda tmp: ov.save_model(_export_int8(model, calibration, inputs),
+                                                                  tmp / "model.xml", compress_to_fp16=False))  # fmt: skip
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())}
         compiled = ov.Core().compile_model(folder / "model.xml", "CPU", config)
-    return OpenVINOEncoder(compiled, inputs, pad_id=pad_id, max_width=max_width)
+    return OpenVINOEncoder(compiled, inputs, pad_id=pad_id, max_width=max_width, key=key)
 
 
 def _export_int8(model: torch.nn.Module, calibration: Sequence[dict[str, torch.Tensor]], inputs: list[str]):
