@@ -1,5 +1,5 @@
 """int8 on AVX2-only CPUs: qembed `quantize="int8"` against sentence-transformers fp32 with the CPU's ISA cut to
-AVX2, and what else could run the model there (OpenVINO fp32, ONNX Runtime dynamic int8 and fp32).
+AVX2, and what else could run the model there (OpenVINO fp32, ONNX Runtime dynamic and static int8, fp32).
 
 How AVX2 is emulated on an AVX-512 machine: every variant runs in its own process started with
 `LD_PRELOAD=cpuid_avx2.so` (`bench/cpuid_avx2.c`, compiled here with gcc): CPUID is made to fault (Linux
@@ -42,10 +42,13 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = {  # name -> what the worker runs
     "sentence-transformers fp32": "st-fp32",
     "qembed fp32 (torch)": "qembed-fp32",
-    "qembed int8 (OpenVINO static int8, today)": "qembed-int8",
+    "qembed int8 (as shipped: int8_backend() picks)": "qembed-int8",
+    "qembed int8, OpenVINO forced": "qembed-int8-ov",
+    "qembed int8, ONNX Runtime forced": "qembed-int8-ort",
     "qembed + OpenVINO fp32": "ov-fp32",
     "qembed + OpenVINO int8 weights only": "ov-w8",
     "qembed + ONNX Runtime dynamic int8": "ort-int8",
+    "qembed + ONNX Runtime static int8 (QDQ)": "ort-static",
     "qembed + ONNX Runtime fp32": "ort-fp32",
 }
 BASE = "sentence-transformers fp32"
@@ -62,6 +65,7 @@ def _export(model_dir: Path, work: Path) -> None:
 
     from qembed import Embedder
     from qembed.models.openvino import CALIBRATION_TEXTS, _HiddenStates
+    from qembed.models.prompts import MODEL_DEFAULT
 
     warnings.simplefilter("ignore")
     embedder = Embedder.from_pretrained(model_dir, device="cpu", dtype="fp32")
@@ -83,7 +87,27 @@ def _export(model_dir: Path, work: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(work / "ort-fp32.onnx"), str(work / "ort-int8.onnx"), weight_type=QuantType.QInt8)
+    # static int8: activation scales calibrated once on qembed's calibration texts (as its OpenVINO int8), so
+    # a text's vector does not depend on the batch it is in; weights per channel
+    texts = list(CALIBRATION_TEXTS)
+    token_ids = embedder.prepare(texts, prompt=embedder.document_prompt) + embedder.prepare(texts, instruction=MODEL_DEFAULT)
+    calibration = [embedder.collate([ids]) for ids in token_ids]  # one text a batch, as qembed's int8
+    _quantize_static(work / "ort-fp32.onnx", work / "ort-static.onnx", calibration, inputs)
     (work / "inputs.json").write_text(json.dumps(inputs))
+
+
+def _quantize_static(source: Path, target: Path, calibration: list, inputs: list[str]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{name: batch[name].numpy() for name in inputs} for batch in calibration])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])  # fmt: skip
 
 
 # ---------------------------------------------------------------- worker (one variant, one process)
@@ -139,7 +163,7 @@ def worker(args) -> None:
     else:
         from qembed import Embedder
 
-        quantize = "int8" if kind == "qembed-int8" else None
+        quantize = "int8" if kind.startswith("qembed-int8") else None
         embedder = Embedder.from_pretrained(args.model_dir, device="cpu", dtype="fp32", quantize=quantize)
         inputs = json.loads((work / "inputs.json").read_text())
         if kind in ("ov-fp32", "ov-w8"):
@@ -157,15 +181,16 @@ def worker(args) -> None:
             options.intra_op_num_threads = torch.get_num_threads()
             session = ort.InferenceSession(str(work / f"{kind}.onnx"), options, providers=["CPUExecutionProvider"])
             embedder.inference_model = _OrtEncoder(session, inputs)
-        elif kind == "qembed-int8":
-            compiled = embedder.inference_model.compiled
+        elif quantize:
+            facts["int8_backend"] = type(embedder.inference_model).__name__
+            compiled = getattr(embedder.inference_model, "compiled", None)
         if compiled is not None:
             import openvino as ov
 
             facts["openvino_caps"] = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
             if args.profile:
                 batch = embedder.collate(embedder.prepare(texts[len(texts) // 2 : len(texts) // 2 + 4]))
-                xml = _int8_xml() if kind == "qembed-int8" else work / f"{kind}.xml"
+                xml = _int8_xml() if quantize else work / f"{kind}.xml"
                 config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
                 profiled = ov.Core().compile_model(xml, "CPU", {**config, "PERF_COUNT": True})
                 facts["profile"] = _ov_profile(profiled, {n: batch[n].numpy() for n in inputs})
@@ -199,6 +224,10 @@ def run_variant(args, kind: str, isa: str, work: Path, preload: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QEMBED_OPENVINO_CACHE": str(work / "openvino-cache")}
     if isa == "avx2":
         env["LD_PRELOAD"] = str(preload)
+    forced = {"qembed-int8-ov": "openvino", "qembed-int8-ort": "onnxruntime"}.get(kind)
+    env.pop("QEMBED_INT8_BACKEND", None)
+    if forced:
+        env["QEMBED_INT8_BACKEND"] = forced
     cmd = [sys.executable, __file__, "--worker", kind, "--model-dir", str(args.model_dir), "--work-dir", str(work),
            "--repeats", str(args.repeats)] + (["--profile"] if args.profile else [])  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -223,14 +252,15 @@ def main() -> None:
         return worker(args)
     from qembed.testing import QWEN3_EMBEDDING_0_6B, build_qwen3_embedding, build_qwen_tokenizer
 
-    work = Path(tempfile.gettempdir()) / f"qembed-bench-int8-isa-l{args.layers}"
+    name = f"l{args.layers}" if args.model_dir is None else args.model_dir.parent.name  # exports are per model
+    work = Path(tempfile.gettempdir()) / f"qembed-bench-int8-isa-{name}"
     work.mkdir(exist_ok=True)
     args.model_dir = args.model_dir or work / "model"
     print(f"{cpu_flags_line()}\n{os.cpu_count()} cpus; load average {os.getloadavg()[0]:.1f} at start, "
           f"{time.strftime('%H:%M')} (the machine is shared: figures are indicative)")  # fmt: skip
     if not (args.model_dir / "model.safetensors").exists():
         build_qwen3_embedding(args.model_dir, **{**QWEN3_EMBEDDING_0_6B, "num_hidden_layers": args.layers})
-    if not (work / "inputs.json").exists():
+    if not all((work / name).exists() for name in ("inputs.json", "ort-static.onnx")):
         print("exporting OpenVINO / ONNX variants ...", flush=True)
         _export(args.model_dir, work)
     preload = build_preload(work)
@@ -239,8 +269,9 @@ def main() -> None:
     from qembed import Embedder
 
     tokens = sum(len(ids) for ids in Embedder.from_pretrained(args.model_dir, device="cpu").prepare(texts))
-    print(f"model: Qwen3-Embedding-0.6B config, {args.layers} layers, random weights; {len(texts)} texts, "
-          f"{tokens} tokens; best of 2 passes (alternating order) x {args.repeats}")  # fmt: skip
+    model = args.model_dir if (work / "model") != args.model_dir else f"Qwen3-Embedding-0.6B config, {args.layers} layers, random weights"
+    print(f"model: {model}; {len(texts)} texts, {tokens} tokens (Qwen tokenizer); best of 2 passes (alternating "
+          f"order) x {args.repeats}")  # fmt: skip
     wanted = [name for name, kind in VARIANTS.items() if kind in args.variants.split(",")]
     for isa in args.isa.split(","):
         best: dict[str, float] = {}
@@ -272,7 +303,7 @@ def main() -> None:
             vs_fp32 = f"{fp32 / seconds:.2f}x" if fp32 else "-"
             print(f"| {name:<42} | {tokens / seconds:8.1f} | {vs_base:>10} | {vs_fp32:>14} | {cosine:>22} |")
         for name, fact in facts.items():
-            shown = {k: v for k, v in fact.items() if k in ("matmuls", "precision", "profile", "error")}
+            shown = {k: v for k, v in fact.items() if k in ("int8_backend", "matmuls", "precision", "profile", "error")}
             if shown:
                 print(f"  {name}: {json.dumps(shown)}")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")

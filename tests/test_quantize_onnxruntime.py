@@ -40,14 +40,17 @@ def ort_cache(tmp_path_factory):
 
 
 def _weight_sources(path: Path) -> dict[str, str]:
-    """For each MatMul of a kept model: the op type feeding its weight input ('' for a stored fp32 weight)."""
+    """For each MatMul and Gather of a kept model: the op type feeding its weight input ('' for a stored fp32
+    weight)."""
     graph = onnx.load(str(path), load_external_data=False).graph
     producers = {output: node.op_type for node in graph.node for output in node.output}
-    return {node.name: producers.get(node.input[1], "") for node in graph.node if node.op_type == "MatMul"}
+    return {node.name: producers.get(node.input[1 if node.op_type == "MatMul" else 0], "") for node in graph.node
+            if node.op_type in ("MatMul", "Gather") and "embed" in node.name or node.op_type == "MatMul"}  # fmt: skip
 
 
 @pytest.mark.parametrize("model", ["tiny_qwen3", "minilm"])
-def test_onnxruntime_int8_is_close_to_fp32_and_does_not_depend_on_the_batch(model, request, ort_cache, one_torch_thread):
+def test_onnxruntime_int8_is_close_to_fp32_and_does_not_depend_on_the_batch(model, request, ort_cache,
+                                                                            one_torch_thread):  # fmt: skip
     path = request.getfixturevalue("tiny_embedder_path" if model == "tiny_qwen3" else "minilm_path")
     texts, floor = (TEXTS, 0.99) if model == "tiny_qwen3" else (TEXTS[:3], 0.98)
     fp32, int8 = Embedder.from_pretrained(path), Embedder.from_pretrained(path, quantize="int8")
@@ -61,16 +64,25 @@ def test_onnxruntime_int8_is_close_to_fp32_and_does_not_depend_on_the_batch(mode
     alone = np.stack([int8.encode([text])[0] for text in TEXTS])
     assert np.allclose(alone, int8.encode(TEXTS), atol=1e-5)
     assert np.allclose(int8.encode(TEXTS, batch_tokens=1), int8.encode(TEXTS), atol=1e-5)
-    # the kept graph: linear layers read int8 weights, the feed-forward down projections stay fp32
+    # the kept graph: linear layers read int8 weights; the feed-forward down projections, the attention products
+    # and the embedding table stay fp32, and activations are quantised to uint8 (ONNX Runtime's fused kernel)
     kept = [folder for folder in ort_cache.iterdir() if (folder / MODEL_FILE).exists()]
     sources = {name: kind for folder in kept for name, kind in _weight_sources(folder / MODEL_FILE).items()}
     down = [name for name in sources if "down_proj" in name or ("/output/dense" in name and "attention" not in name)]
     int8_layers = [name for name, kind in sources.items() if kind == "DequantizeLinear"]
     assert down and all(sources[name] == "" for name in down)
     assert len(int8_layers) >= 2 * len(down)
+    attention = [name for name in sources if name.endswith(("self_attn/MatMul", "self_attn/MatMul_1", "self/MatMul"))]
+    assert attention and not [name for name in attention if sources[name] == "DequantizeLinear"]
+    assert [name for name in sources if "Gather" in name and sources[name] == ""]  # the embedding table
+    for folder in kept:
+        graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph
+        weights = {tensor.name: tensor for tensor in graph.initializer}
+        zero_points = [weights[node.input[2]] for node in graph.node if node.op_type == "QuantizeLinear"]
+        assert zero_points and {tensor.data_type for tensor in zero_points} == {onnx.TensorProto.UINT8}
 
 
-def test_onnxruntime_model_is_kept_and_the_cli_runs_it(tiny_embedder_path, tmp_path, ort_cache, capsys, one_torch_thread):
+def test_onnxruntime_model_is_kept_and_the_cli_runs_it(tiny_embedder_path, tmp_path, ort_cache, one_torch_thread):
     int8 = Embedder.from_pretrained(tiny_embedder_path, quantize="int8")
     before = {folder: (folder / MODEL_FILE).stat().st_mtime_ns for folder in ort_cache.iterdir()}
     assert before and not [folder for folder in before if ".tmp" in folder.name]
@@ -122,8 +134,10 @@ def test_an_avx2_cpu_gets_onnxruntime(tmp_path):
         subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(library), str(ROOT / "bench" / "cpuid_avx2.c")],
                        check=True)  # fmt: skip
         env["LD_PRELOAD"] = str(library)
-    code = "import torch; from qembed.models.openvino import int8_backend; print(torch.cpu._is_vnni_supported(), int8_backend())"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    code = ("import torch; from qembed.models.openvino import int8_backend; "
+            "print(torch.cpu._is_vnni_supported(), int8_backend())")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          check=True)  # fmt: skip
     vnni, backend = done.stdout.split()
     assert backend == ("openvino" if vnni == "True" else "onnxruntime")
     if can_emulate:

@@ -63,7 +63,7 @@ def check_texts(texts: Sequence[str]) -> list[str]:
 class Embedder:
     """Turns texts into float32 vectors; load with `Embedder.from_pretrained(name_or_path)`."""
 
-    quantize: str | None = None  # "int8" when inference runs the int8 OpenVINO model (part of `fingerprint`)
+    quantize: str | None = None  # "int8" when inference runs an int8 model (part of `fingerprint`)
     inference_model = None  # that model (`OpenVINOEncoder` or `OnnxRuntimeEncoder`); None: `model` itself
 
     def __init__(self, model, tokenizer, info: SentenceTransformersInfo, *, model_dir: Path, name_or_path: str,

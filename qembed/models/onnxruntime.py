@@ -33,9 +33,12 @@ from qembed.models.openvino import _HiddenStates, calibration_key, keep_model, o
 ONNXRUNTIME_HINT = ("quantize='int8' runs in ONNX Runtime on this CPU (x86 without AVX-512 VNNI or AMX): "
                     "pip install 'qembed[cpu-fast]'")  # fmt: skip
 MODEL_FILE = "model.onnx"
+RECIPE = "nncf-u8-1"  # part of a kept model's key: change it when the export or quantisation below changes
 #: ONNX nodes kept fp32: the feed-forward down projections (Qwen3 `mlp.down_proj`, BERT `layer.N.output.dense`),
-#: whose input, after the gate or GELU, has outliers that one calibrated scale per tensor does not hold.
-KEPT_FP32_NODES = r".*(down_proj|layer\.\d+/output/dense)/.*"
+#: whose input, after the gate or GELU, has outliers that one calibrated scale per tensor does not hold, and
+#: the attention products (two activations: ONNX Runtime has no fused int8 kernel for them on x86). The
+#: embedding table (`Gather`) stays fp32 too: ONNX Runtime would dequantise the whole table on every call.
+KEPT_FP32_NODES = [r".*(down_proj|layer\.\d+/output/dense)/.*", r".*/(self_attn|attention/self)/MatMul(_\d+)?"]
 
 
 def check_onnxruntime() -> str:
@@ -69,15 +72,16 @@ class OnnxRuntimeEncoder:
 def quantize_to_onnxruntime(model: torch.nn.Module, calibration: Sequence[dict[str, torch.Tensor]],
                             fingerprint: str | None = None) -> OnnxRuntimeEncoder:  # fmt: skip
     """Export `model` (a transformers base model, fp32 on the CPU) to ONNX and quantise its matrix products to
-    int8 with NNCF, activation scales calibrated on `calibration` (a list of collated batches); the session runs
-    on as many threads as torch uses. With the weights' `fingerprint`, the quantised model is kept beside the OpenVINO
-    ones (`openvino_cache_dir()`) and later loads read it back."""
+    int8 with NNCF, activation scales calibrated on `calibration` (a list of collated batches); the session
+    runs on as many threads as torch uses. With the weights' `fingerprint`, the quantised model is kept beside
+    the OpenVINO ones (`openvino_cache_dir()`) and later loads read it back."""
     versions = check_onnxruntime()
     import onnxruntime as ort
 
     inputs = list(calibration[0])
     with tempfile.TemporaryDirectory() as scratch:
-        key = calibration_key(f"onnxruntime|{fingerprint}|{versions}|torch {torch.__version__}|{inputs}", calibration)
+        settings = f"onnxruntime|{RECIPE}|{fingerprint}|{versions}|torch {torch.__version__}|{inputs}"
+        key = calibration_key(settings, calibration)
         folder = openvino_cache_dir() / f"ort-{key}" if fingerprint else Path(scratch) / "model"
         keep_model(folder, MODEL_FILE, lambda tmp: _export_int8(model, calibration, inputs, tmp / MODEL_FILE))
         options = ort.SessionOptions()
@@ -97,6 +101,7 @@ def _export_int8(model: torch.nn.Module, calibration: Sequence[dict[str, torch.T
     example = tuple(calibration[0][name] for name in inputs)
     axes = {name: {0: "batch", 1: "tokens"} for name in [*inputs, "hidden"]}
     samples = nncf.Dataset([{name: batch[name].numpy() for name in inputs} for batch in calibration])
+    kept_fp32 = nncf.IgnoredScope(patterns=KEPT_FP32_NODES, types=["Gather"], validate=False)
     level = logging.getLogger("nncf").level
     logging.getLogger("nncf").setLevel(logging.ERROR)
     # tracing warnings and NNCF's progress bars are noise here; errors still raise
@@ -108,7 +113,26 @@ def _export_int8(model: torch.nn.Module, calibration: Sequence[dict[str, torch.T
             torch.onnx.export(_HiddenStates(model, inputs).eval(), example, str(fp32), input_names=inputs,
                               output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)  # fmt: skip
             quantized = nncf.quantize(onnx.load(str(fp32)), samples, model_type=nncf.ModelType.TRANSFORMER,
-                                      subset_size=len(calibration), ignored_scope=nncf.IgnoredScope(patterns=[KEPT_FP32_NODES], validate=False))  # fmt: skip
+                                      subset_size=len(calibration), ignored_scope=kept_fp32)  # fmt: skip
         finally:
             logging.getLogger("nncf").setLevel(level)
+    _activations_to_uint8(quantized)
     onnx.save(quantized, str(target), save_as_external_data=True, location=f"{target.name}.data")
+
+
+def _activations_to_uint8(model) -> None:
+    """Give NNCF's int8 activation quantisers uint8 zero points (+128, the same scale: the same numbers after
+    dequantisation). On x86 ONNX Runtime fuses a quantised matrix product into its u8s8 integer kernel only
+    with uint8 activations; with int8 ones it dequantises and multiplies in fp32."""
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    zero_points = {node.input[2] for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   and len(node.input) > 2 and node.input[0] not in initializers}  # not a weight's  # fmt: skip
+    for name in zero_points:
+        tensor = initializers[name]
+        if tensor.data_type == TensorProto.INT8:
+            shifted = numpy_helper.to_array(tensor).astype(np.int16) + 128
+            tensor.CopyFrom(numpy_helper.from_array(shifted.astype(np.uint8), name))
+    del graph.value_info[:]  # the quantisers' declared int8 outputs; ONNX Runtime infers the types again

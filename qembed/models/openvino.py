@@ -183,7 +183,7 @@ def keep_model(folder: Path, filename: str, write: Callable[[Path], object]) -> 
 def int8_backend() -> str:
     """Which library runs `quantize="int8"`: `$QEMBED_INT8_BACKEND` (`openvino` or `onnxruntime`), else OpenVINO
     on CPUs with int8 dot-product units (AVX-512 VNNI or AMX: 5.5x PyTorch fp32 on MiniLM) and on non-x86 CPUs,
-    and ONNX Runtime on other x86 CPUs (AVX2: its static int8 is 1.9x OpenVINO's there; docs/scale.md). Read
+    and ONNX Runtime on other x86 CPUs (AVX2: its static int8 is 1.7-1.8x OpenVINO's there; docs/scale.md). Read
     from CPUID (PyTorch's cpuinfo), so an emulated AVX2 CPU is seen as one."""
     chosen = os.environ.get("QEMBED_INT8_BACKEND")
     if chosen:
