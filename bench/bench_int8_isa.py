@@ -111,19 +111,6 @@ def _quantize_static(source: Path, target: Path, calibration: list, inputs: list
 
 
 # ---------------------------------------------------------------- worker (one variant, one process)
-class _OrtEncoder:
-    def __init__(self, session, inputs):
-        self.session, self.inputs = session, inputs
-
-    def __call__(self, **batch):
-        import types
-
-        import torch
-
-        hidden = self.session.run(None, {name: batch[name].numpy() for name in self.inputs})[0]
-        return types.SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
-
-
 def _ov_evidence(compiled) -> dict:
     """Primitive types and precisions of the matrix products in the executed graph, and where the time went."""
     kinds = collections.Counter()
@@ -180,7 +167,9 @@ def worker(args) -> None:
             options = ort.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
             session = ort.InferenceSession(str(work / f"{kind}.onnx"), options, providers=["CPUExecutionProvider"])
-            embedder.inference_model = _OrtEncoder(session, inputs)
+            from qembed.models.onnxruntime import OnnxRuntimeEncoder
+
+            embedder.inference_model = OnnxRuntimeEncoder(session, inputs)
         elif quantize:
             facts["int8_backend"] = type(embedder.inference_model).__name__
             compiled = getattr(embedder.inference_model, "compiled", None)

@@ -4,7 +4,7 @@ The all-MiniLM-L6-v2 transformer is exported to ONNX (as `bench_int8_isa.py` doe
 `onnxruntime.quantization.quantize_dynamic` (int8 weights; activations quantised per tensor at run time), and
 run through qembed's tokenising, padding and pooling. Prints the lowest cosine to fp32 and how far a text's
 vector moves between being encoded alone and in one padded batch with five other texts; qembed's shipped
-int8 path (OpenVINO, static activation scales) is printed alongside.
+int8 path (static activation scales; OpenVINO or, on AVX2-only CPUs, ONNX Runtime) is printed alongside.
 
     python bench/check_ort_batch_dependence.py
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import types
 import warnings
 from pathlib import Path
 
@@ -30,21 +29,11 @@ TEXTS = ["how do I control rice blast?", "Rice blast is controlled with resistan
          "The Eiffel Tower was completed in 1889 for the World's Fair and stands about 330 metres tall."]  # fmt: skip
 
 
-class OrtEncoder:
-    """An ONNX Runtime session called like a transformers base model."""
-
-    def __init__(self, session, inputs: list[str]) -> None:
-        self.session, self.inputs = session, inputs
-
-    def __call__(self, **batch):
-        hidden = self.session.run(None, {name: batch[name].numpy() for name in self.inputs})[0]
-        return types.SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
-
-
-def ort_int8(embedder, work: Path) -> OrtEncoder:
+def ort_int8(embedder, work: Path):
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from qembed.models.onnxruntime import OnnxRuntimeEncoder
     from qembed.models.openvino import _HiddenStates
 
     batch = embedder.collate(embedder.prepare(TEXTS[:3]))
@@ -57,7 +46,7 @@ def ort_int8(embedder, work: Path) -> OrtEncoder:
     quantize_dynamic(str(work / "fp32.onnx"), str(work / "int8.onnx"), weight_type=QuantType.QInt8)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    return OrtEncoder(ort.InferenceSession(str(work / "int8.onnx"), options, providers=["CPUExecutionProvider"]), inputs)
+    return OnnxRuntimeEncoder(ort.InferenceSession(str(work / "int8.onnx"), options, providers=["CPUExecutionProvider"]), inputs)
 
 
 def report(name: str, embedder, fp32: np.ndarray) -> None:
@@ -75,7 +64,8 @@ def main() -> None:
     print(cpu_flags_line())
     embedder = Embedder.from_pretrained(str(minilm_dir()))
     fp32 = embedder.encode(TEXTS)
-    report("qembed int8 (OpenVINO, static scales)", Embedder.from_pretrained(str(minilm_dir()), quantize="int8"), fp32)
+    int8 = Embedder.from_pretrained(str(minilm_dir()), quantize="int8")
+    report(f"qembed int8 ({type(int8.inference_model).__name__}, static scales)", int8, fp32)
     with tempfile.TemporaryDirectory() as work:
         embedder.inference_model = ort_int8(embedder, Path(work))
         report("ONNX Runtime dynamic int8", embedder, fp32)

@@ -15,12 +15,8 @@ Matryoshka and normalisation stay in `Embedder`. Needs the `cpu-fast` extra (NNC
 
 from __future__ import annotations
 
-import logging
 import tempfile
-import warnings
 from collections.abc import Sequence
-from contextlib import redirect_stderr, redirect_stdout
-from io import StringIO
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +24,13 @@ import numpy as np
 import torch
 
 from qembed.errors import QembedError
-from qembed.models.openvino import _HiddenStates, calibration_key, keep_model, openvino_cache_dir
+from qembed.models.openvino import (
+    calibration_key,
+    keep_model,
+    openvino_cache_dir,
+    prepare_export,
+    quiet_export,
+)
 
 ONNXRUNTIME_HINT = ("quantize='int8' runs in ONNX Runtime on this CPU (x86 without AVX-512 VNNI or AMX): "
                     "pip install 'qembed[cpu-fast]'")  # fmt: skip
@@ -96,26 +98,15 @@ def _export_int8(model: torch.nn.Module, calibration: Sequence[dict[str, torch.T
     import nncf
     import onnx
 
-    if "position_ids" in inputs:  # a left-padded decoder: eager attention's additive mask (as for OpenVINO)
-        model.set_attn_implementation("eager")
-    example = tuple(calibration[0][name] for name in inputs)
+    module, example, samples = prepare_export(model, calibration, inputs)
     axes = {name: {0: "batch", 1: "tokens"} for name in [*inputs, "hidden"]}
-    samples = nncf.Dataset([{name: batch[name].numpy() for name in inputs} for batch in calibration])
     kept_fp32 = nncf.IgnoredScope(patterns=KEPT_FP32_NODES, types=["Gather"], validate=False)
-    level = logging.getLogger("nncf").level
-    logging.getLogger("nncf").setLevel(logging.ERROR)
-    # tracing warnings and NNCF's progress bars are noise here; errors still raise
-    with (tempfile.TemporaryDirectory() as scratch, torch.no_grad(), warnings.catch_warnings(),
-          redirect_stdout(StringIO()), redirect_stderr(StringIO())):  # fmt: skip
-        warnings.simplefilter("ignore")
-        try:
-            fp32 = Path(scratch) / "fp32.onnx"
-            torch.onnx.export(_HiddenStates(model, inputs).eval(), example, str(fp32), input_names=inputs,
-                              output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)  # fmt: skip
-            quantized = nncf.quantize(onnx.load(str(fp32)), samples, model_type=nncf.ModelType.TRANSFORMER,
-                                      subset_size=len(calibration), ignored_scope=kept_fp32)  # fmt: skip
-        finally:
-            logging.getLogger("nncf").setLevel(level)
+    with tempfile.TemporaryDirectory() as scratch, quiet_export():
+        fp32 = Path(scratch) / "fp32.onnx"
+        torch.onnx.export(module, example, str(fp32), input_names=inputs, output_names=["hidden"], dynamic_axes=axes,
+                          opset_version=17, dynamo=False)  # fmt: skip
+        quantized = nncf.quantize(onnx.load(str(fp32)), samples, model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=len(calibration), ignored_scope=kept_fp32)  # fmt: skip
     _activations_to_uint8(quantized)
     onnx.save(quantized, str(target), save_as_external_data=True, location=f"{target.name}.data")
 

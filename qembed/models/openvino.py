@@ -24,8 +24,8 @@ import platform
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -224,23 +224,41 @@ def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str,
     return OpenVINOEncoder(compiled, inputs, pad_id=pad_id, max_width=max_width, key=key)
 
 
+def prepare_export(model: torch.nn.Module, calibration: Sequence[dict[str, torch.Tensor]], inputs: list[str]):
+    """What both int8 exports (OpenVINO, ONNX) start from: the model as a function of its input tensors
+    (`_HiddenStates`), one example batch, and the calibration batches as an NNCF dataset. A left-padded decoder
+    is switched to eager attention: its additive mask never yields NaN on a padded row once traced (SDPA's
+    traced mask does)."""
+    import nncf
+
+    if "position_ids" in inputs:
+        model.set_attn_implementation("eager")
+    example = tuple(calibration[0][name] for name in inputs)
+    samples = nncf.Dataset([{name: batch[name].numpy() for name in inputs} for batch in calibration])
+    return _HiddenStates(model, inputs).eval(), example, samples
+
+
+@contextmanager
+def quiet_export() -> Iterator[None]:
+    """Around an export and its quantisation: no gradients, and tracing warnings, NNCF's log and its progress
+    bars silenced (they are noise here); errors still raise."""
+    level = logging.getLogger("nncf").level
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.getLogger("nncf").setLevel(level)
+
+
 def _export_int8(model: torch.nn.Module, calibration: Sequence[dict[str, torch.Tensor]], inputs: list[str]):
     import nncf
     import openvino as ov
 
-    if "position_ids" in inputs:  # a left-padded decoder: eager attention's additive mask never yields NaN on
-        model.set_attn_implementation("eager")  # a padded row once traced (SDPA's traced mask does)
-    example = tuple(calibration[0][name] for name in inputs)
-    samples = nncf.Dataset([{name: batch[name].numpy() for name in inputs} for batch in calibration])
-    level = logging.getLogger("nncf").level
-    logging.getLogger("nncf").setLevel(logging.ERROR)
-    # tracing warnings and NNCF's progress bars are noise here; errors still raise
-    with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            graph = ov.convert_model(_HiddenStates(model, inputs), example_input=example)
-            for port, name in zip(graph.inputs, inputs):
-                port.get_tensor().set_names({name})
-            return nncf.quantize(graph, samples, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
-        finally:
-            logging.getLogger("nncf").setLevel(level)
+    module, example, samples = prepare_export(model, calibration, inputs)
+    with quiet_export():
+        graph = ov.convert_model(module, example_input=example)
+        for port, name in zip(graph.inputs, inputs):
+            port.get_tensor().set_names({name})
+        return nncf.quantize(graph, samples, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
