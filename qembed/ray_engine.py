@@ -147,17 +147,21 @@ def _lines_datasource(paths: list[Path], lines_per_block: int):
 def _parquet_datasource(paths: list[Path], rows_per_block: int):
     """A Ray datasource of a Parquet file's rows as qembed's reader sees them (`qembed.data.formats.iter_rows`:
     Python values, nulls dropped), each pickled whole so an actor validates exactly the record one process
-    would, with their 1-based row numbers (one read task per file, streaming blocks)."""
+    would, with their 1-based row numbers (one read task per file, streaming blocks). The file is read through
+    Ray's filesystem (opened for random access, as Parquet needs), like the lines datasource."""
     import pickle
 
     from ray.data.datasource import FileBasedDatasource
 
-    from qembed.data.formats import iter_rows
+    from qembed.data.formats import iter_parquet_rows
 
     class ParquetRecordsDatasource(FileBasedDatasource):
+        def _open_input_source(self, filesystem, path: str, **open_args):
+            return filesystem.open_input_file(path)
+
         def _read_stream(self, f, path: str):
             records, numbers = [], []
-            for number, record in iter_rows(Path(path)):
+            for number, record in iter_parquet_rows(f):
                 records.append(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
                 numbers.append(number)
                 if len(records) >= rows_per_block:

@@ -120,21 +120,22 @@ class CorpusFile(Mapping):
             self.ids.append(doc.doc_id)
             self._offsets.append(offset)
         _check(self.path, len(self.ids))
-        self._file = None
+        self._lines = None  # the open JSONL/TSV file, once a text is read
+        self._records = None  # a Parquet corpus's `ParquetRows`, once a text is read
 
     def text(self, row: int) -> str:
         """The text of the document at position `row` (in `ids` order)."""
-        offset = self._offsets[row]
+        offset = self._offsets[row]  # a byte offset; for Parquet, the row number
         if self.path.suffix == ".parquet":
-            if self._file is None:
+            if self._records is None:
                 from qembed.data.formats import ParquetRows
 
-                self._file = ParquetRows(self.path)
-            return parse_corpus_record(self._file[offset], self.path, offset + 1, self._options[0]).text
-        if self._file is None:
-            self._file = self.path.open("rb")
-        self._file.seek(offset)
-        doc = _parse(self._file.readline(), self.path, 0, self._options[0], self.path.suffix == ".jsonl")
+                self._records = ParquetRows(self.path)
+            return parse_corpus_record(self._records[offset], self.path, offset + 1, self._options[0]).text
+        if self._lines is None:
+            self._lines = self.path.open("rb")
+        self._lines.seek(offset)
+        doc = _parse(self._lines.readline(), self.path, 0, self._options[0], self.path.suffix == ".jsonl")
         return doc.text
 
     @property

@@ -66,13 +66,19 @@ def iter_rows(path: str | Path, *, allow_truncated_tail: bool = False) -> Iterat
     if kind == "jsonl":
         yield from iter_numbered_jsonl(path, allow_truncated_tail=allow_truncated_tail)
     elif kind == "parquet":
-        pq = _require("pyarrow.parquet", "Parquet")
         if not path.is_file():
             raise QembedError(f"file not found: {path}")
-        rows = (row for batch in pq.ParquetFile(path).iter_batches(batch_size=1024) for row in batch.to_pylist())
-        yield from enumerate(map(_without_nulls, rows), start=1)
+        yield from iter_parquet_rows(path)
     else:
         yield from enumerate(map(_without_nulls, _load_dataset_folder(path)), start=1)
+
+
+def iter_parquet_rows(source) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`(row number from 1, row)` of a Parquet file: a path or an open random-access file (e.g. one that Ray
+    Data opened on shared storage), streamed a batch at a time, nulls dropped (as `iter_rows` gives them)."""
+    pq = _require("pyarrow.parquet", "Parquet")
+    rows = (row for batch in pq.ParquetFile(source).iter_batches(batch_size=1024) for row in batch.to_pylist())
+    yield from enumerate(map(_without_nulls, rows), start=1)
 
 
 class ParquetRows:
