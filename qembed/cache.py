@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qembed.arrays import GrowingArray
 from qembed.files import atomic_write_bytes
 from qembed.models.prompts import QueryFormat
 
@@ -135,18 +136,14 @@ class _MemoryShard(_Shard):
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
-        self._keys = np.empty((1024, KEY_BYTES), dtype=np.uint8)
-        self._vectors = np.empty((1024, dim), dtype=np.float32)
+        self._key_rows = GrowingArray((KEY_BYTES,), np.uint8)
+        self._vector_rows = GrowingArray((dim,), np.float32)
 
     def append(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        need = self.rows + len(keys)
-        if need > len(self._keys):
-            size = max(need, 2 * len(self._keys))
-            self._keys = np.resize(self._keys, (size, KEY_BYTES))
-            self._vectors = np.resize(self._vectors, (size, self.dim))
-        self._keys[self.rows : need] = keys
-        self._vectors[self.rows : need] = vectors
-        self.rows = need
+        self._key_rows.extend(keys)
+        self._vector_rows.extend(vectors)
+        self._keys, self._vectors = self._key_rows.data, self._vector_rows.data
+        self.rows = self._key_rows.size
 
     def _map(self) -> None:
         pass

@@ -9,6 +9,7 @@ from typing import Protocol
 
 import numpy as np
 
+from qembed.arrays import GrowingArray
 from qembed.errors import QembedError
 
 
@@ -86,20 +87,19 @@ class IdList(Sequence[str]):
 
     def __init__(self, ids: Iterable[str] = (), *, capacity: int = 1024) -> None:
         self._blob: bytearray | np.ndarray = bytearray()
-        self._ends = np.zeros(max(int(capacity), 1), dtype=np.int64)  # `capacity` ids fit without regrowth
-        self._count = 0
+        self._ends = GrowingArray(capacity=capacity)  # `capacity` ids fit without regrowth
         self.extend(ids)
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._ends)
 
     def __getitem__(self, row):  # type: ignore[override]
         if isinstance(row, slice):
-            return [self[i] for i in range(*row.indices(self._count))]
+            return [self[i] for i in range(*row.indices(len(self)))]
         row = int(row)
         if row < 0:
-            row += self._count
-        if not 0 <= row < self._count:
+            row += len(self)
+        if not 0 <= row < len(self):
             raise IndexError(row)
         start = int(self._ends[row - 1]) if row else 0
         return bytes(self._blob[start : int(self._ends[row])]).decode("utf-8")
@@ -110,23 +110,17 @@ class IdList(Sequence[str]):
         encoded = [str(i).encode("utf-8") for i in ids]
         if not encoded:
             return
-        needed = self._count + len(encoded)
-        if needed > len(self._ends):
-            grown = np.zeros(max(needed, 2 * len(self._ends)), dtype=np.int64)
-            grown[: self._count] = self._ends[: self._count]
-            self._ends = grown
-        base = int(self._ends[self._count - 1]) if self._count else 0
-        self._ends[self._count : needed] = base + np.cumsum([len(b) for b in encoded])
+        base = int(self._ends[-1]) if len(self) else 0
+        self._ends.extend(base + np.cumsum([len(b) for b in encoded]))
         self._blob += b"".join(encoded)
-        self._count = needed
 
     def save(self, path: str | Path) -> None:
         """Write `ids.bin` (the ids' UTF-8 bytes, back to back) and `ids.ends.npy` in the folder `path`."""
         path = Path(path)
         (path / "ids.bin").write_bytes(  # a view, not a copy
-            memoryview(self._blob)[: int(self._ends[self._count - 1]) if self._count else 0]
+            memoryview(self._blob)[: int(self._ends[-1]) if len(self) else 0]
         )
-        np.save(path / "ids.ends.npy", self._ends[: self._count])
+        np.save(path / "ids.ends.npy", self._ends.array)
 
     @classmethod
     def load(cls, path: str | Path, *, mmap: bool = False) -> IdList:
@@ -139,7 +133,7 @@ class IdList(Sequence[str]):
             ids._blob = np.memmap(path / "ids.bin", dtype=np.uint8, mode="r")
         else:
             ids._blob = bytearray((path / "ids.bin").read_bytes())
-        ids._ends, ids._count = ends, len(ends)
+        ids._ends = GrowingArray.wrap(ends)
         if (int(ends[-1]) if len(ends) else 0) != size:
             raise QembedError(f"{path}: ids.bin holds {size} bytes, ids.ends.npy expects {int(ends[-1])}")
         return ids

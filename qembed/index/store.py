@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qembed.arrays import GrowingArray
 from qembed.data.corpus import check_corpus, iter_corpus
 from qembed.errors import QembedError
 from qembed.files import atomic_write_json, is_owned, mark_owned
@@ -80,31 +81,6 @@ class BuildResult:
 
 BUILD_MARKER = ".build.json"  # an index build in progress (or killed): the same command continues it
 VERB = "index build"
-
-
-class _Growing:
-    """A growing 1-d numpy array (amortised O(1) appends, 8 bytes per int64 item, no Python object each)."""
-
-    def __init__(self, capacity: int, dtype=np.int64) -> None:
-        self.data = np.empty(max(int(capacity), 1024), dtype=dtype)
-        self.size = 0
-
-    def extend(self, values) -> None:
-        values = np.asarray(values, dtype=self.data.dtype)
-        need = self.size + len(values)
-        if need > len(self.data):
-            self.data = np.resize(self.data, max(need, 2 * len(self.data)))
-        self.data[self.size : need] = values
-        self.size = need
-
-    def append(self, value) -> None:
-        if self.size == len(self.data):
-            self.data = np.resize(self.data, 2 * len(self.data))
-        self.data[self.size] = value
-        self.size += 1
-
-    def array(self) -> np.ndarray:
-        return self.data[: self.size]
 
 
 def claim_index_dir(output: Path) -> Manifest | None:
@@ -177,7 +153,7 @@ def build_index(
 
         fill_cache(encoder, corpus, engine, show_progress=show_progress)
     stats = encoder.stats
-    offsets = _Growing(expected)
+    offsets = GrowingArray(capacity=expected)
     pending: list[str] = []  # ids of the documents read but not yet indexed (read-ahead: a few chunks)
 
     def texts(docs_file):
@@ -209,8 +185,8 @@ def build_index(
         if vector_index is not None and backend == "milvus":
             vector_index.close()  # a failed build drops the new collection
         raise
-    count = offsets.size
-    np.save(output / ".docs.offsets.tmp.npy", offsets.array())
+    count = len(offsets)
+    np.save(output / ".docs.offsets.tmp.npy", offsets.array)
     # Swap the new files in (each rename is atomic; the manifest comes last).
     shutil.rmtree(output / "vectors", ignore_errors=True)
     vectors_tmp.rename(output / "vectors")
