@@ -12,7 +12,7 @@ embedding cache of its own:
    many documents the rerun encodes beyond those the killed run had not reached (its last progress line),
    and whether the result is byte-equal to the uninterrupted build (docs.jsonl, offsets, ids; vectors 1e-6).
 
-    python bench/bench_scale.py --docs 100000 [--quantize int8|none] [--kill-at 0.5] [--workdir /tmp/qembed-scale]
+    python bench/bench_scale.py --docs 100000 [--quantize int8|none] [--kill-at 0.5 | --no-kill] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +74,10 @@ def count_tokens(model: str, corpus: Path) -> int:
     from qembed.models.embedder import Embedder
 
     embedder = Embedder.from_pretrained(model)
-    texts = [doc.text for doc in iter_corpus(corpus)]
+    texts = (doc.text for doc in iter_corpus(corpus))
     total = 0
-    for start in range(0, len(texts), 4096):
-        total += sum(len(ids) for ids in embedder.prepare(texts[start : start + 4096]))
+    while chunk := list(islice(texts, 4096)):  # streamed: the corpus is never held whole
+        total += sum(len(ids) for ids in embedder.prepare(chunk))
     return total
 
 
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--baseline-docs", type=int, default=2_000)
     parser.add_argument("--quantize", default="int8", help="int8 (default) or none")
     parser.add_argument("--kill-at", type=float, default=0.5)
+    parser.add_argument("--no-kill", action="store_true", help="the uninterrupted build only (memory, throughput)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qembed-scale"))
     args = parser.parse_args()
     quantize = None if args.quantize == "none" else args.quantize
@@ -128,7 +130,8 @@ def main() -> None:
           f"{(full['peak_rss'] - vector_bytes) / 2**20:.0f} MiB; baseline process ({args.baseline_docs} documents) "
           f"{base['peak_rss'] / 2**20:.0f} MiB; growth beyond vectors and baseline: {growth / 2**20:.1f} MiB = "
           f"{growth / (args.docs - args.baseline_docs):.1f} bytes/document")  # fmt: skip
-
+    if args.no_kill:
+        return
     command = build_command(model, corpora["corpus"], work / "killed", work / "cache-killed", quantize)
     killed = run_build(command, kill_at=args.kill_at)
     rerun = run_build(command)

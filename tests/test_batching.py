@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from qembed.models.batching import bucket_down, bucket_up, pad_batch, token_budget_batches
+from qembed.models.batching import bucket_up, pad_batch, row_bucket_down, row_bucket_up, token_budget_batches
 
 
 def test_batches_cover_every_index_once_and_respect_the_budget():
@@ -52,29 +52,36 @@ def test_padding_stays_small_once_a_batch_is_big_enough():
             assert sum(lengths[i] for i in batch) >= min_tokens
 
 
-def test_bucket_ladder_has_four_sizes_per_octave_and_at_most_25_percent_padding():
+def test_bucket_ladders_widths_four_sizes_per_octave_rows_powers_of_two():
     ladder = sorted({bucket_up(n) for n in range(1, 4097)})
     assert ladder[:12] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16] and ladder[-1] == 4096
     assert len([size for size in ladder if 256 < size <= 512]) == 4
     for n in range(1, 4097):
         assert n <= bucket_up(n) < 1.25 * n or n <= 8
-        assert bucket_down(n) <= n and bucket_down(n) in ladder and bucket_up(bucket_down(n)) == bucket_down(n)
+        assert row_bucket_down(n) <= n < 2 * row_bucket_down(n) and row_bucket_up(n) >= n > row_bucket_up(n) // 2
+        assert row_bucket_up(n) & (row_bucket_up(n) - 1) == 0 and row_bucket_down(n) & (row_bucket_down(n) - 1) == 0
 
 
 def test_shape_buckets_give_few_shapes_within_the_budget():
-    """A runtime that compiles per shape sees a bounded set: full batches are (ladder rows, ladder width) with
-    no row padding, and padded tokens stay within the budget; plain batching makes a shape per batch."""
+    """A runtime that compiles per shape sees a bounded set: batches are (power-of-two rows, ladder width), only
+    a chunk's last batch pads rows, and padded tokens stay within the budget; plain batching makes a shape per
+    batch. Both batching families: encoders fill batches, decoders close them where the width drops."""
     rng = random.Random(1)
-    shapes, plain_shapes, real, padded = set(), set(), 0, 0
-    for _ in range(60):  # 60 chunks of a corpus, each batched on its own as the encode pipeline does
-        lengths = [min(256, int(rng.lognormvariate(4.2, 0.5))) for _ in range(1024)]
-        for batch in token_budget_batches(lengths, 4096, min_batch_tokens=4096, shape_buckets=True):
-            rows, width = bucket_up(len(batch)), bucket_up(max(lengths[i] for i in batch))
-            assert rows * width <= 4096 or len(batch) == 1
-            shapes.add((rows, width))
-            real += sum(lengths[i] for i in batch)
-            padded += rows * width
-        for batch in token_budget_batches(lengths, 4096, min_batch_tokens=4096):
-            plain_shapes.add((len(batch), max(lengths[i] for i in batch)))
-    assert len(shapes) <= 40 and len(plain_shapes) > 5 * len(shapes)
-    assert padded < 1.25 * real
+    for min_tokens, budget, most_shapes in ((4096, 4096, 30), (256, 16384, 80)):
+        shapes, plain_shapes, real, padded = set(), set(), 0, 0
+        for _ in range(60):  # 60 chunks of a corpus, each batched on its own as the encode pipeline does
+            lengths = [min(256, int(rng.lognormvariate(4.2, 0.5))) for _ in range(1024)]
+            batches = token_budget_batches(lengths, budget, min_batch_tokens=min_tokens, shape_buckets=True)
+            for number, batch in enumerate(batches):
+                rows, width = row_bucket_up(len(batch)), bucket_up(max(lengths[i] for i in batch))
+                assert rows * width <= budget or len(batch) == 1
+                assert rows == len(batch) or number == len(batches) - 1  # row padding: the last batch only
+                shapes.add((rows, width))
+                real += sum(lengths[i] for i in batch)
+                padded += rows * width
+            for batch in token_budget_batches(lengths, budget, min_batch_tokens=min_tokens):
+                plain_shapes.add((len(batch), max(lengths[i] for i in batch)))
+        assert len(shapes) <= most_shapes and len(plain_shapes) > 5 * len(shapes), (len(shapes), len(plain_shapes))
+        assert padded < 1.25 * real, (min_tokens, padded / real)
+
+

@@ -1,9 +1,10 @@
 """Token-budget batching: sort by length, cut batches so that (rows x longest row) stays under a budget.
 
-Runtimes that compile a kernel set per input shape (OpenVINO) keep every shape they have seen, so a corpus
-encoded in batches of every possible (rows, width) grows their memory without bound (1.2 GB over 30K
-documents for all-MiniLM-L6-v2 int8). With `shape_buckets=True` batches are cut for, and padded to, sizes from
-a short geometric ladder (`bucket_up`: four sizes per octave), which bounds the number of shapes.
+Runtimes that compile a kernel set per input shape (OpenVINO) keep every shape they have seen, about 3 MB each
+for all-MiniLM-L6-v2 int8, so a corpus encoded in batches of every possible (rows, width) grows their memory
+without bound (1.2 GB over 30K documents). With `shape_buckets=True` a batch is padded to a width from a short
+geometric ladder (`bucket_up`: four sizes per octave) and holds a power of two of rows (`row_bucket_up`),
+which bounds the number of shapes (a few dozen for a corpus: see docs/scale.md).
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ def bucket_up(n: int) -> int:
     return -(-n // step) * step
 
 
-def bucket_down(n: int) -> int:
-    """The largest size of the `bucket_up` ladder not above `n` (n >= 1)."""
-    step = _step(n)
-    return n // step * step
+def row_bucket_up(n: int) -> int:
+    """The smallest power of two that holds `n` rows (the row ladder of `shape_buckets`)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def row_bucket_down(n: int) -> int:
+    """The largest power of two not above `n` (n >= 1)."""
+    return 1 << (n.bit_length() - 1)
 
 
 def token_budget_batches(
@@ -47,9 +52,10 @@ def token_budget_batches(
     keep the matrix products efficient, it also closes before a text more than `max_padding` shorter than
     its longest, so padding stays a small fraction of the work.
 
-    `shape_buckets`: the batch will be padded to `(bucket_up(rows), bucket_up(width))`, so its width counts
-    as `bucket_up(longest)`, a full batch holds `bucket_down` of the rows that fit (no row padding), and the
-    padding rule compares buckets.
+    `shape_buckets`: the batch will be padded to `(row_bucket_up(rows), bucket_up(width))`, so its width counts
+    as `bucket_up(longest)`, a full batch holds `row_bucket_down` of the rows that fit, the padding rule
+    compares width buckets and closes a batch only at a power of two of rows: it takes the next, shorter texts
+    (padding columns) rather than leave rows to pad, so only a chunk's last batch has padding rows.
     """
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
@@ -62,8 +68,10 @@ def token_budget_batches(
         if current:
             longest = size(lengths[current[0]])  # sorted descending: the first item of a batch is its longest
             most_rows = min(max_batch_size, max(1, batch_tokens // longest))
-            full = len(current) >= (bucket_down(most_rows) if shape_buckets else most_rows)
+            full = len(current) >= (row_bucket_down(most_rows) if shape_buckets else most_rows)
             wasteful = real_tokens >= min_batch_tokens and size(lengths[index]) < (1 - max_padding) * longest
+            if shape_buckets and wasteful:
+                wasteful = row_bucket_up(len(current)) == len(current)
             if full or wasteful:
                 batches.append(current)
                 current, real_tokens = [], 0

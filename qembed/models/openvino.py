@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from qembed.errors import QembedError
-from qembed.models.batching import bucket_up
+from qembed.models.batching import bucket_up, row_bucket_up
 
 CPU_FAST_HINT = "quantize='int8' needs OpenVINO and NNCF: pip install 'qembed[cpu-fast]'"
 INT8_BACKENDS = ("openvino", "onnxruntime")
@@ -118,7 +118,7 @@ class OpenVINOEncoder:
     (a float32 CPU tensor).
 
     OpenVINO keeps compiled kernels and buffers for every input shape it has run, so each batch is padded to
-    `(bucket_up(rows), bucket_up(width))` (`qembed.models.batching`; width at most `max_width`, the model's
+    `(row_bucket_up(rows), bucket_up(width))` (`qembed.models.batching`; width at most `max_width`, the model's
     token limit) and the result cut back: a corpus runs in a bounded set of shapes and bounded memory. Padding
     columns are masked pad tokens (on the left when the model takes `position_ids`, i.e. left-padded decoders);
     padding rows repeat the first row and are dropped."""
@@ -135,7 +135,7 @@ class OpenVINOEncoder:
         feed = {name: batch[name].numpy() for name in self.inputs}
         rows, width = feed["input_ids"].shape
         padded_width = max(width, min(bucket_up(width), self.max_width or width))
-        feed = {name: self._pad(name, array, bucket_up(rows), padded_width) for name, array in feed.items()}
+        feed = {name: self._pad(name, array, row_bucket_up(rows), padded_width) for name, array in feed.items()}
         hidden = np.asarray(self.compiled(feed)[0], dtype=np.float32)
         hidden = hidden[:rows, padded_width - width :] if self.left else hidden[:rows, :width]
         return SimpleNamespace(last_hidden_state=torch.from_numpy(np.ascontiguousarray(hidden)))
