@@ -84,6 +84,32 @@ def test_int8_runs_in_bucketed_shapes_and_padding_changes_nothing(embedders, min
         assert padded.shape == exact.shape and np.allclose(padded[real], exact[real], atol=1e-4)
 
 
+PARAGRAPH = ("Rice blast, caused by the fungus Magnaporthe oryzae, is among the most destructive diseases of rice "
+             "worldwide. Lesions form on leaves, nodes and panicles; under humid, warm conditions with heavy "
+             "nitrogen fertilisation an epidemic can destroy most of a field within weeks. Farmers combine "
+             "resistant varieties, balanced fertiliser, careful water management and, where needed, fungicides "
+             "applied at the booting stage to keep losses low.")
+
+
+@pytest.fixture(scope="module")
+def minilm_embedders(minilm_path):
+    return Embedder.from_pretrained(minilm_path), Embedder.from_pretrained(minilm_path, quantize="int8")
+
+
+def test_int8_minilm_tracks_fp32_at_every_width(minilm_embedders, one_torch_thread):
+    """Every length from 3 to 72 tokens, so every ladder width from 3 to 80, exact and padded: int8 stays at
+    cosine >= 0.98 to fp32. With OpenVINO's default precision on CPUs with bf16 units (bfloat16), the texts
+    run at width 32 fell to 0.90; the unquantised operations now run in float32."""
+    fp32, int8 = minilm_embedders
+    ids = fp32.prepare([PARAGRAPH])[0]
+    assert len(ids) > 72
+    texts = [ids[: n - 1] + ids[-1:] for n in range(3, 73)]  # the first n-1 tokens and [SEP]
+    want = np.stack([fp32.encode_batch([t])[0] for t in texts])
+    got = np.stack([int8.encode_batch([t])[0] for t in texts])
+    cosine = (want * got).sum(axis=1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
+    assert cosine.min() >= 0.98, {len(t): round(float(c), 3) for t, c in zip(texts, cosine) if c < 0.98}
+
+
 def test_quantised_model_is_kept_and_read_back(embedders, tiny_embedder_path, openvino_cache, one_torch_thread):
     """The first int8 load exports and calibrates, then keeps the quantised model; later loads read it back
     and give the same vectors."""
@@ -116,10 +142,11 @@ def test_cache_never_mixes_int8_and_fp32(embedders, tmp_path, one_torch_thread):
     assert third.encoded == 0  # ... but int8 reuses its own
 
 
-def test_int8_on_minilm_and_without_the_extra(minilm_path, tmp_path, monkeypatch, capsys, one_torch_thread):
+def test_int8_on_minilm_and_without_the_extra(minilm_embedders, minilm_path, tmp_path, monkeypatch, capsys,
+                                              one_torch_thread):  # fmt: skip
     """A BERT-style encoder (mean pooling, right padding) takes the same path; an int8 embedder cannot be saved
     (it is for inference); without OpenVINO/NNCF the error is one line naming the `cpu-fast` extra."""
-    fp32, int8 = Embedder.from_pretrained(minilm_path), Embedder.from_pretrained(minilm_path, quantize="int8")
+    fp32, int8 = minilm_embedders
     want, got = fp32.encode(TEXTS[:3]), int8.encode(TEXTS[:3])
     assert (got * want).sum(axis=1).min() >= 0.98
     with pytest.raises(QembedError, match="inference only"):

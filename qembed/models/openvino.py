@@ -205,21 +205,27 @@ def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str,
     of collated batches); compiled for as many threads as torch uses.
 
     With the weights' `fingerprint`, the quantised model is kept in `openvino_cache_dir()` under a key of the
-    fingerprint, the calibration inputs and the OpenVINO/NNCF versions, and later loads read it back
+    fingerprint, the calibration inputs, the OpenVINO/NNCF versions and the precision it runs in (so its vectors
+    never share an embedding cache with another setting's), and later loads read it back
     (export and calibration take minutes for a 0.6B model). `pad_id` and `max_width` (the longest input the
     model takes) are how `OpenVINOEncoder` pads batches to bucketed shapes."""
     nncf_version = check_cpu_fast()
     import openvino as ov
 
     inputs = list(calibration[0])
+    # The operations left in floating point run in float32. OpenVINO's default on CPUs with bf16 units (AMX,
+    # AVX-512 BF16) is bfloat16, and with it all-MiniLM-L6-v2's vectors at a padded width of 32 tokens came
+    # out at cosine 0.90 to fp32's (0.99 at every other width; docs/scale.md); float32 costs ~6 % of speed.
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()),
+              "INFERENCE_PRECISION_HINT": "f32"}  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
-        key = calibration_key(f"{fingerprint}|{ov.__version__}|{nncf_version}|{inputs}", calibration)
+        settings = f"{fingerprint}|{ov.__version__}|{nncf_version}|{inputs}|{config['INFERENCE_PRECISION_HINT']}"
+        key = calibration_key(settings, calibration)
         folder = openvino_cache_dir() / key if fingerprint else Path(scratch) / "model"
         # always compiled from the saved file: the in-memory graph NNCF returns gives slightly different vectors
         # than the same graph read back
         keep_model(folder, "model.xml", lambda tmp: ov.save_model(_export_int8(model, calibration, inputs),
                                                                   tmp / "model.xml", compress_to_fp16=False))  # fmt: skip
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())}
         compiled = ov.Core().compile_model(folder / "model.xml", "CPU", config)
     return OpenVINOEncoder(compiled, inputs, pad_id=pad_id, max_width=max_width, key=key)
 
