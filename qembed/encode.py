@@ -133,7 +133,8 @@ class CachedEncoder:
             counts = np.bincount(chunk.owner, minlength=len(chunk.missing))
             new = None
             for indices in self.embedder.token_batches(chunk.token_ids, self.batch_tokens):
-                vectors = self.embedder.encode_batch([chunk.token_ids[i] for i in indices])
+                vectors = self.embedder.encode_batch([chunk.token_ids[i] for i in indices], steady_shape=True,
+                                                     batch_tokens=self.batch_tokens)  # fmt: skip
                 if new is None:
                     new = np.empty((len(chunk.missing), vectors.shape[1]), dtype=np.float32)
                 new[indices] = vectors

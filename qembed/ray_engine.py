@@ -230,9 +230,9 @@ class _EncodeActor:
                 keep.append(i)
         vectors = np.empty((0, self.hidden), dtype=np.float32)
         if keep:
-            vectors = self.embedder.encode([texts[i] for i in keep], instruction=self.spec.query_format,
-                                           normalize=False, batch_tokens=self.spec.batch_tokens,
-                                           show_progress=False)  # fmt: skip
+            token_ids = self.embedder.prepare([texts[i] for i in keep], instruction=self.spec.query_format)
+            vectors = self.embedder.encode_token_ids(token_ids, batch_tokens=self.spec.batch_tokens,
+                                                     steady_shapes=True)  # fmt: skip
         return {
             "id": np.array([ids[i] for i in keep], dtype=object),
             "key": keys[keep].view(np.uint8).reshape(-1, KEY_BYTES),

@@ -3,7 +3,15 @@ import random
 import pytest
 import torch
 
-from qembed.models.batching import bucket_up, pad_batch, row_bucket_down, row_bucket_up, token_budget_batches
+from qembed.models.batching import (
+    bucket_up,
+    full_rows,
+    pad_batch,
+    row_bucket_down,
+    row_bucket_up,
+    steady_rows,
+    token_budget_batches,
+)
 
 
 def test_batches_cover_every_index_once_and_respect_the_budget():
@@ -85,3 +93,32 @@ def test_shape_buckets_give_few_shapes_within_the_budget():
         assert padded < 1.25 * real, (min_tokens, padded / real)
 
 
+
+
+def test_steady_rows_leave_encoders_one_shape_per_width_and_cost_decoders_little():
+    """Corpus encoding pads a chunk's last batch to `steady_rows`: encoder batches (which fill) then run in one
+    row count per width, a full batch's; decoder batches (which close early) lose their smallest row counts
+    at little padding."""
+    rng = random.Random(2)
+    chunks = [[min(256, int(rng.lognormvariate(4.2, 0.5))) for _ in range(1024)] for _ in range(60)]
+    for min_tokens, budget in ((4096, 4096), (256, 16384)):
+        runs = {}
+        for steady in (False, True):
+            shapes, real, padded = set(), 0, 0
+            for lengths in chunks:
+                for batch in token_budget_batches(lengths, budget, min_batch_tokens=min_tokens, shape_buckets=True):
+                    longest = max(lengths[i] for i in batch)
+                    rows, width = row_bucket_up(len(batch)), bucket_up(longest)
+                    if steady:
+                        rows = max(rows, steady_rows(longest, budget, min_tokens))
+                    assert rows * width <= budget or len(batch) == 1
+                    shapes.add((rows, width))
+                    real += sum(lengths[i] for i in batch)
+                    padded += rows * width
+            runs[steady] = shapes, padded / real
+        (shapes, padding), (steady_shapes, steady_padding) = runs[False], runs[True]
+        assert len(steady_shapes) < len(shapes) and steady_padding < padding + 0.05, (min_tokens, runs)
+        if min_tokens == budget:  # encoders: one shape per width, a full batch's rows
+            assert sorted(steady_shapes) == sorted({(full_rows(w, budget), w) for _, w in steady_shapes})
+    assert steady_rows(8, 16384, 256) == 32 and steady_rows(7, 16384, 256) == 64 and steady_rows(7, 4096, 4096) == 512 == full_rows(7, 4096)
+    assert steady_rows(5000, 4096, 4096) == 1  # a text longer than the budget runs alone

@@ -41,7 +41,7 @@ class CountingEmbedder:
     def token_batches(self, token_ids, batch_tokens=None):
         return [list(range(i, min(i + 64, len(token_ids)))) for i in range(0, len(token_ids), 64)]
 
-    def encode_batch(self, token_ids):
+    def encode_batch(self, token_ids, *, steady_shape=False, batch_tokens=None):
         return np.asarray([self._vector(bytes(ids).decode()) for ids in token_ids], dtype=np.float32)
 
     def _vector(self, formatted):

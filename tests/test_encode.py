@@ -47,9 +47,9 @@ def test_tokenisation_runs_in_a_background_thread_and_batches_are_cached(tiny_em
     encoder = CachedEncoder(emb, cache_dir=tmp_path, batch_tokens=256)
     cache = encoder.cache
 
-    def counting_batch(ids):
+    def counting_batch(ids, **options):
         batches.append(len(cache))  # rows cached before each batch: the earlier batches are in already
-        return encode_batch(ids)
+        return encode_batch(ids, **options)
 
     emb.encode_batch = counting_batch
     texts = TEXTS + [f"unique text number {i}" for i in range(40)]

@@ -110,6 +110,28 @@ def test_int8_minilm_tracks_fp32_at_every_width(minilm_embedders, one_torch_thre
     assert cosine.min() >= 0.98, {len(t): round(float(c), 3) for t, c in zip(texts, cosine) if c < 0.98}
 
 
+def test_corpus_encoding_runs_one_shape_per_width(minilm_embedders, monkeypatch, one_torch_thread):
+    """The encode pipeline pads a chunk's last, short batch with copies of its first row up to a full batch's
+    rows, so an encoder's corpus runs in one shape per width (OpenVINO keeps memory per shape), with the same
+    vectors as `encode` of each chunk."""
+    from qembed.encode import CachedEncoder, NoCache
+    from qembed.models.batching import full_rows
+
+    int8 = minilm_embedders[1]
+    encoder, compiled = int8.inference_model, int8.inference_model.compiled
+    shapes: list[tuple[int, int]] = []
+    monkeypatch.setattr(encoder, "compiled", lambda feed: (shapes.append(feed["input_ids"].shape), compiled(feed))[1])
+    texts = [("rice " * (1 + i % 40)) + f"blast {i}" for i in range(300)]
+    pipeline = CachedEncoder(int8, cache=NoCache(), batch_tokens=1024, normalize=True)
+    got = np.concatenate([v for _, v in pipeline.iter_chunks(texts, chunk_size=100, show_progress=False)])
+    widths = {width for _, width in shapes}
+    assert len(widths) > 3 and sorted(set(shapes)) == sorted((full_rows(w, 1024), w) for w in widths)
+    shapes.clear()
+    want = np.concatenate([int8.encode(texts[start : start + 100], batch_tokens=1024) for start in (0, 100, 200)])
+    assert any(rows < full_rows(width, 1024) for rows, width in shapes)  # `encode` (a query, a server) pads less
+    assert np.allclose(got, want, atol=1e-5)  # the same batches: the added rows change nothing
+
+
 def test_quantised_model_is_kept_and_read_back(embedders, tiny_embedder_path, openvino_cache, one_torch_thread):
     """The first int8 load exports and calibrates, then keeps the quantised model; later loads read it back
     and give the same vectors."""

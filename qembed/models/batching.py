@@ -4,7 +4,8 @@ Runtimes that compile a kernel set per input shape (OpenVINO) keep every shape t
 for all-MiniLM-L6-v2 int8, so a corpus encoded in batches of every possible (rows, width) grows their memory
 without bound (1.2 GB over 30K documents). With `shape_buckets=True` a batch is padded to a width from a short
 geometric ladder (`bucket_up`: four sizes per octave) and holds a power of two of rows (`row_bucket_up`),
-which bounds the number of shapes (a few dozen for a corpus: see docs/scale.md).
+which bounds the number of shapes; corpus encoding also pads a chunk's last, short batch to `steady_rows`, so
+a corpus runs in about one shape per width (see docs/scale.md).
 """
 
 from __future__ import annotations
@@ -34,6 +35,24 @@ def row_bucket_up(n: int) -> int:
 def row_bucket_down(n: int) -> int:
     """The largest power of two not above `n` (n >= 1)."""
     return 1 << (n.bit_length() - 1)
+
+
+def full_rows(width: int, batch_tokens: int, max_batch_size: int = 512) -> int:
+    """Rows of a full batch of padded width `width` under `token_budget_batches(shape_buckets=True)`: the
+    largest power of two within the budget and `max_batch_size` (at least 1)."""
+    return row_bucket_down(min(max_batch_size, max(1, batch_tokens // width)))
+
+
+def steady_rows(longest: int, batch_tokens: int, min_batch_tokens: int, max_batch_size: int = 512) -> int:
+    """The rows a shape-bucketed batch whose longest text has `longest` tokens is run with at least, when a
+    corpus is encoded: the power of two of rows that makes up `min_batch_tokens` at its padded width, at most
+    a full batch's. A chunk's last batch is the one batch with fewer rows (`token_budget_batches`); padded to
+    this, it runs in a shape the chunk's other batches have compiled. For encoders (batches fill:
+    `min_batch_tokens == batch_tokens`) that is one shape per width; decoders' batches close early, at
+    `min_batch_tokens` real tokens, so this costs them little padding and removes only the smallest row
+    counts."""
+    width = bucket_up(longest)
+    return min(full_rows(width, batch_tokens, max_batch_size), row_bucket_up(-(-min_batch_tokens // width)))
 
 
 def token_budget_batches(
@@ -67,8 +86,10 @@ def token_budget_batches(
     for index in order:
         if current:
             longest = size(lengths[current[0]])  # sorted descending: the first item of a batch is its longest
-            most_rows = min(max_batch_size, max(1, batch_tokens // longest))
-            full = len(current) >= (row_bucket_down(most_rows) if shape_buckets else most_rows)
+            if shape_buckets:
+                full = len(current) >= full_rows(longest, batch_tokens, max_batch_size)
+            else:
+                full = len(current) >= min(max_batch_size, max(1, batch_tokens // longest))
             wasteful = real_tokens >= min_batch_tokens and size(lengths[index]) < (1 - max_padding) * longest
             if shape_buckets and wasteful:
                 wasteful = row_bucket_up(len(current)) == len(current)

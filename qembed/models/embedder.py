@@ -17,7 +17,13 @@ import torch
 
 from qembed.errors import QembedError
 from qembed.models import prompts
-from qembed.models.batching import BatchDefaults, default_batching, pad_batch, token_budget_batches
+from qembed.models.batching import (
+    BatchDefaults,
+    default_batching,
+    pad_batch,
+    steady_rows,
+    token_budget_batches,
+)
 from qembed.models.layout import (
     ModelRecord,
     declares_matryoshka,
@@ -277,19 +283,33 @@ class Embedder:
                                     min_batch_tokens=batching.min_batch_tokens,
                                     shape_buckets=getattr(self.inference_model, "shape_buckets", False))  # fmt: skip
 
-    def encode_batch(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """Full-size, unnormalised float32 rows of one batch of prepared token ids (one forward pass)."""
+    def encode_batch(self, token_ids: Sequence[Sequence[int]], *, steady_shape: bool = False,
+                     batch_tokens: int | None = None) -> np.ndarray:  # fmt: skip
+        """Full-size, unnormalised float32 rows of one batch of prepared token ids (one forward pass).
+
+        `steady_shape` (corpus encoding): with a runtime that keeps compiled kernels per input shape
+        (OpenVINO), a short batch runs with copies of its first row added, up to `batching.steady_rows` under
+        `batch_tokens`, so a corpus runs in about one shape per width (bounded memory); the copies are dropped.
+        """
+        rows = len(token_ids)
+        if steady_shape and rows and getattr(self.inference_model, "shape_buckets", False):
+            batching = self.batching
+            longest = max(len(ids) for ids in token_ids)
+            target = steady_rows(longest, batch_tokens or batching.batch_tokens, batching.min_batch_tokens)
+            token_ids = list(token_ids) + [token_ids[0]] * (target - rows)
         with torch.inference_mode():
-            return self.forward_features(self.collate(token_ids)).float().cpu().numpy()
+            return self.forward_features(self.collate(token_ids)).float().cpu().numpy()[:rows]
 
     def encode_token_ids(self, token_ids: Sequence[Sequence[int]], *, batch_tokens: int | None = None,
-                         show_progress: bool | None = False) -> np.ndarray:  # fmt: skip
+                         show_progress: bool | None = False, steady_shapes: bool = False) -> np.ndarray:  # fmt: skip
         """Full-size, unnormalised float32 rows `(len(token_ids), hidden)` of already prepared token ids
-        (`prepare`), in input order, in token-budget batches."""
+        (`prepare`), in input order, in token-budget batches (`steady_shapes`: as `encode_batch`'s
+        `steady_shape`, for a corpus)."""
         result = np.empty((len(token_ids), self.hidden_size), dtype=np.float32)
         with progress_bar(total=len(token_ids), enabled=show_progress, desc="encode", unit="text") as bar:
             for indices in self.token_batches(token_ids, batch_tokens):
-                result[indices] = self.encode_batch([token_ids[i] for i in indices])
+                result[indices] = self.encode_batch([token_ids[i] for i in indices], steady_shape=steady_shapes,
+                                                    batch_tokens=batch_tokens)  # fmt: skip
                 bar.update(len(indices))
         return result
 
