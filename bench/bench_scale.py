@@ -7,7 +7,9 @@ embedding cache of its own:
 1. a small build (`--baseline-docs`) for the process's fixed memory (Python, torch, OpenVINO, the model);
 2. the full build, uninterrupted: documents/s, tokens/s (the model's tokenizer, its max length), peak RSS
    (`wait4`'s ru_maxrss), and peak RSS minus the vectors' bytes (FAISS Flat: 4 bytes x dim per document) and
-   minus the baseline's peak: the memory that grows with the corpus, per document;
+   minus the baseline's peak: the memory that grows with the corpus, per document; and the resident set
+   sampled at every progress line, whose rise from 25 % of the corpus to its end, per document, is the growth
+   without the one-off costs of the first documents (the flat index reserves all vectors up front);
 3. the same build killed (SIGKILL) once its progress passes `--kill-at`, then the same command again: how
    many documents the rerun encodes beyond those the killed run had not reached (its last progress line),
    and whether the result is byte-equal to the uninterrupted build (docs.jsonl, offsets, ids; vectors 1e-6).
@@ -52,10 +54,12 @@ def run_build(command: list[str], kill_at: float | None = None) -> dict:
     proc = subprocess.Popen(command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     done = total = 0
     killed = False
+    rss: list[tuple[int, int]] = []  # (documents done, resident bytes) at each progress line
     for line in proc.stderr:
         found = PROGRESS.search(line)
         if found:
             done, total = int(found.group(1)), int(found.group(2))
+            rss.append((done, resident_bytes(proc.pid)))
             if kill_at is not None and done >= kill_at * total:
                 proc.send_signal(signal.SIGKILL)
                 killed = True
@@ -66,7 +70,27 @@ def run_build(command: list[str], kill_at: float | None = None) -> dict:
     if not killed and proc.returncode != 0:
         raise SystemExit(f"build failed ({proc.returncode}): {' '.join(command)}")
     return {"seconds": time.perf_counter() - start, "peak_rss": usage.ru_maxrss * 1024, "stdout": out,
-            "progress": done, "killed": killed}  # fmt: skip
+            "progress": done, "killed": killed, "rss": rss}  # fmt: skip
+
+
+def resident_bytes(pid: int) -> int:
+    """A running process's resident set (VmRSS), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def growth_per_document(rss: list[tuple[int, int]], total: int, start: float = 0.25) -> float:
+    """Bytes of resident memory added per document from `start` of the corpus to its last progress line. The
+    flat index reserves (and zero-fills) all vectors before the first document, so this is growth besides
+    them: what the corpus size adds, without the one-off costs of the first documents."""
+    points = [(done, size) for done, size in rss if size and done >= start * total]
+    if len(points) < 2 or points[-1][0] == points[0][0]:
+        return float("nan")
+    (first_done, first_size), (last_done, last_size) = points[0], points[-1]
+    return (last_size - first_size) / (last_done - first_done)
 
 
 def count_tokens(model: str, corpus: Path) -> int:
@@ -130,6 +154,9 @@ def main() -> None:
           f"{(full['peak_rss'] - vector_bytes) / 2**20:.0f} MiB; baseline process ({args.baseline_docs} documents) "
           f"{base['peak_rss'] / 2**20:.0f} MiB; growth beyond vectors and baseline: {growth / 2**20:.1f} MiB = "
           f"{growth / (args.docs - args.baseline_docs):.1f} bytes/document")  # fmt: skip
+    quarters = [next((size for done, size in full["rss"] if size and done >= q * args.docs / 4), 0) for q in (1, 2, 3, 4)]
+    print("resident at 25/50/75/100 % of the documents: " + ", ".join(f"{size / 2**20:.0f} MiB" for size in quarters)
+          + f"; growth from 25 % to the end: {growth_per_document(full['rss'], args.docs):.1f} bytes/document")  # fmt: skip
     if args.no_kill:
         return
     command = build_command(model, corpora["corpus"], work / "killed", work / "cache-killed", quantize)
