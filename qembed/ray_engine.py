@@ -3,7 +3,8 @@
 `encode_corpus` reads the corpus as Ray Data blocks (the lines of `.jsonl`/`.txt` files or the rows of a
 `.parquet` file, parsed by qembed's own corpus reader, so texts and ids are exactly those of one process),
 hands them to a pool of Ray actors that each load the model once (one GPU per actor when the model runs on
-CUDA, CPU actors otherwise) and run `Embedder.encode` (same tokenisation, same token-budget batches), and
+CUDA, CPU actors otherwise) and encode as one process does (`Embedder.prepare` and `encode_token_ids`: same
+tokenisation, same token-budget batches and shapes), and
 yields `EncodedBlock`s (ids, text keys, full-size unnormalised float32 vectors) to the driver as they are
 done.
 
@@ -175,7 +176,8 @@ def _parquet_datasource(paths: list[Path], rows_per_block: int):
 
 class _EncodeActor:
     """One model replica: parses a batch of corpus lines (or takes texts), drops texts already cached, encodes
-    the rest with `Embedder.encode` (normalize=False: full-size, unnormalised, as the cache stores them)."""
+    the rest as the encode pipeline does (full-size, unnormalised, as the cache stores them; a chunk's last
+    batch padded to steady shapes)."""
 
     def __init__(self, spec: _ModelSpec, known, text_field: str, keep_blank: bool, path: str, threads: int) -> None:
         import ray

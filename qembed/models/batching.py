@@ -1,7 +1,7 @@
 """Token-budget batching: sort by length, cut batches so that (rows x longest row) stays under a budget.
 
-Runtimes that compile a kernel set per input shape (OpenVINO) keep every shape they have seen, about 3 MB each
-for all-MiniLM-L6-v2 int8, so a corpus encoded in batches of every possible (rows, width) grows their memory
+Runtimes that compile a kernel set per input shape (OpenVINO) keep every shape they have seen (0.5-3 MB each
+for all-MiniLM-L6-v2 int8), so a corpus encoded in batches of every possible (rows, width) grows their memory
 without bound (1.2 GB over 30K documents). With `shape_buckets=True` a batch is padded to a width from a short
 geometric ladder (`bucket_up`: four sizes per octave) and holds a power of two of rows (`row_bucket_up`),
 which bounds the number of shapes; corpus encoding also pads a chunk's last, short batch to `steady_rows`, so

@@ -216,7 +216,7 @@ def quantize_to_openvino(model: torch.nn.Module, calibration: Sequence[dict[str,
     # The operations left in floating point run in float32. OpenVINO's default on CPUs with bf16 units is
     # bfloat16, and with it, on an AMX CPU, all-MiniLM-L6-v2's vectors at a padded width of 32 tokens came out
     # at cosine 0.87-0.90 to fp32's (0.99 at every other width, and at 32 with AMX disabled); float32 costs
-    # ~6 % of speed there (docs/inference.md).
+    # ~7 % of speed there (docs/inference.md).
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()),
               "INFERENCE_PRECISION_HINT": "f32"}  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
