@@ -93,8 +93,6 @@ def test_shape_buckets_give_few_shapes_within_the_budget():
         assert padded < 1.25 * real, (min_tokens, padded / real)
 
 
-
-
 def test_steady_rows_leave_encoders_one_shape_per_width_and_cost_decoders_little():
     """Corpus encoding pads a chunk's last batch to `steady_rows`: encoder batches (which fill) then run in one
     row count per width, a full batch's; decoder batches (which close early) lose their smallest row counts
@@ -120,5 +118,6 @@ def test_steady_rows_leave_encoders_one_shape_per_width_and_cost_decoders_little
         assert len(steady_shapes) < len(shapes) and steady_padding < padding + 0.05, (min_tokens, runs)
         if min_tokens == budget:  # encoders: one shape per width, a full batch's rows
             assert sorted(steady_shapes) == sorted({(full_rows(w, budget), w) for _, w in steady_shapes})
-    assert steady_rows(8, 16384, 256) == 32 and steady_rows(7, 16384, 256) == 64 and steady_rows(7, 4096, 4096) == 512 == full_rows(7, 4096)
+    assert steady_rows(8, 16384, 256) == 32 and steady_rows(7, 16384, 256) == 64  # 256 tokens' worth of rows
+    assert steady_rows(7, 4096, 4096) == 512 == full_rows(7, 4096)  # encoders: a full batch (at most 512 rows)
     assert steady_rows(5000, 4096, 4096) == 1  # a text longer than the budget runs alone
