@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, cpu_flags_line  # noqa: E402
+from common import ROOT, cpu_flags_line, resident_bytes  # noqa: E402
 
 PROGRESS = re.compile(r"qembed: index: (\d+)/(\d+)")
 
@@ -71,15 +71,6 @@ def run_build(command: list[str], kill_at: float | None = None) -> dict:
         raise SystemExit(f"build failed ({proc.returncode}): {' '.join(command)}")
     return {"seconds": time.perf_counter() - start, "peak_rss": usage.ru_maxrss * 1024, "stdout": out,
             "progress": done, "killed": killed, "rss": rss}  # fmt: skip
-
-
-def resident_bytes(pid: int) -> int:
-    """A running process's resident set (VmRSS), 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
 
 
 def growth_per_document(rss: list[tuple[int, int]], total: int, start: float = 0.25) -> float:

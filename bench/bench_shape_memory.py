@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_flags_line  # noqa: E402
+from common import cpu_flags_line, resident_bytes  # noqa: E402
 
 
 class _MallInfo2(ctypes.Structure):
@@ -26,18 +26,19 @@ class _MallInfo2(ctypes.Structure):
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]  # fmt: skip
 
 
+_LIBC = ctypes.CDLL("libc.so.6")
+_LIBC.mallinfo2.restype = _MallInfo2
+
+
 def malloc_in_use() -> float:
     """MiB glibc has handed out (arena blocks in use plus mapped blocks)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
+    info = _LIBC.mallinfo2()
     return (info.uordblks + info.hblkhd) / 2**20
 
 
 def resident() -> float:
     """MiB resident (VmRSS)."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+    return resident_bytes() / 2**20
 
 
 def main() -> None:

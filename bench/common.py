@@ -74,3 +74,12 @@ def cpu_flags_line() -> str:
         pass
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
     return f"cpu: {model}; flags: " + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
+
+
+def resident_bytes(pid: int | None = None) -> int:
+    """A process's resident set (VmRSS; this process by default), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
